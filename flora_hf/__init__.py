@@ -1,0 +1,37 @@
+"""flora-hf: FLORA low-rank architecture search for Hugging Face vision transformers."""
+
+from transformers import AutoConfig, AutoModelForImageClassification
+
+from .errors import CheckpointError, FloraError, SearchSpaceError, UnsupportedModelError
+from .macs import count_macs, count_params
+from .modeling_flora import COMPACT_CLASSES
+from .search_space import FloraSearchSpace
+from .supernet import FloraSupernetConfig, FloraSupernetForImageClassification
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    """`import flora_hf` makes the Auto classes know compact models; `save_pretrained` writes their auto_map."""
+    for compact_cls in COMPACT_CLASSES.values():
+        config_cls = compact_cls.config_class
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForImageClassification.register(config_cls, compact_cls, exist_ok=True)
+        config_cls.register_for_auto_class()
+        compact_cls.register_for_auto_class("AutoModelForImageClassification")
+    AutoConfig.register(FloraSupernetConfig.model_type, FloraSupernetConfig, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "CheckpointError",
+    "FloraError",
+    "FloraSearchSpace",
+    "FloraSupernetConfig",
+    "FloraSupernetForImageClassification",
+    "SearchSpaceError",
+    "UnsupportedModelError",
+    "count_macs",
+    "count_params",
+]
