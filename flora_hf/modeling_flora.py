@@ -119,6 +119,8 @@ class FloraCompactMixin:
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        # keys stay the module paths (= FLORA group names) instead of transformers 4.x legacy ViT names
+        kwargs.setdefault("save_original_format", False)
         super().save_pretrained(save_directory, *args, **kwargs)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(save_directory)

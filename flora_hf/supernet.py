@@ -159,6 +159,11 @@ class FloraSupernetForImageClassification(PreTrainedModel):
         with checkpoint_errors(pretrained_model_name_or_path):
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Saves with keys equal to module paths (no legacy renaming), so `Trainer` resume can load them as is."""
+        kwargs.setdefault("save_original_format", False)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
     # subnets ------------------------------------------------------------------------------------------------
     def super_layer(self, group: str) -> FloraSuperLinear:
         return self.model.get_submodule(group)

@@ -17,17 +17,17 @@ SWIN_KWARGS = dict(image_size=32, patch_size=2, embed_dim=16, depths=[1, 2], num
                    num_labels=5)
 
 
-def make_model(kind: str, seed: int = 0):
+def make_model(kind: str, seed: int = 0, **overrides):
     """A tiny random classifier in eval mode with eager attention (so FlopCounterMode sees the matmuls)."""
     torch.manual_seed(seed)
     if kind == "vit":
-        model = ViTForImageClassification(ViTConfig(**VIT_KWARGS))
+        model = ViTForImageClassification(ViTConfig(**{**VIT_KWARGS, **overrides}))
     elif kind == "deit":
-        model = DeiTForImageClassification(DeiTConfig(**VIT_KWARGS))
+        model = DeiTForImageClassification(DeiTConfig(**{**VIT_KWARGS, **overrides}))
     elif kind == "deit-distilled":
-        model = DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_KWARGS))
+        model = DeiTForImageClassificationWithTeacher(DeiTConfig(**{**VIT_KWARGS, **overrides}))
     elif kind == "swin":
-        model = SwinForImageClassification(SwinConfig(**SWIN_KWARGS))
+        model = SwinForImageClassification(SwinConfig(**{**SWIN_KWARGS, **overrides}))
     else:
         raise ValueError(kind)
     model.set_attn_implementation("eager")
