@@ -2,11 +2,15 @@
 
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from .errors import CheckpointError, FloraError, SearchSpaceError, UnsupportedModelError
+from .errors import CheckpointError, FloraError, HubError, SearchSpaceError, UnsupportedModelError
+from .evaluation import evaluate_accuracy
+from .filtering import filter_search_space
 from .macs import count_macs, count_params
 from .modeling_flora import COMPACT_CLASSES
+from .search import Candidate, SearchResult, evolutionary_search, random_search
 from .search_space import FloraSearchSpace
 from .supernet import FloraSupernetConfig, FloraSupernetForImageClassification
+from .trainer import DistillationTrainer, FloraTrainer, FloraTrainingArguments
 
 __version__ = "0.1.0"
 
@@ -25,13 +29,23 @@ def _register_auto_classes() -> None:
 _register_auto_classes()
 
 __all__ = [
+    "Candidate",
     "CheckpointError",
+    "DistillationTrainer",
     "FloraError",
     "FloraSearchSpace",
     "FloraSupernetConfig",
     "FloraSupernetForImageClassification",
+    "FloraTrainer",
+    "FloraTrainingArguments",
+    "HubError",
+    "SearchResult",
     "SearchSpaceError",
     "UnsupportedModelError",
     "count_macs",
     "count_params",
+    "evaluate_accuracy",
+    "evolutionary_search",
+    "filter_search_space",
+    "random_search",
 ]

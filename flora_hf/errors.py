@@ -15,3 +15,7 @@ class SearchSpaceError(FloraError):
 
 class CheckpointError(FloraError):
     """A checkpoint that is corrupt, missing or of another kind than expected."""
+
+
+class HubError(FloraError):
+    """The Hugging Face Hub could not be reached, or refused a request (auth, permissions, bad repo id)."""

@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, Trainer, TrainingArguments, default_data_collator
 
-from .errors import SearchSpaceError
 from .io import atomic_path
 from .search_space import FloraSearchSpace, Subnet
 from .supernet import FloraSupernetForImageClassification
@@ -75,6 +74,12 @@ class IndexedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         return {**self.dataset[index], SAMPLE_INDEX: index}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # batched fetching keeps `datasets`' fast path (one Arrow read per batch instead of one per item)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if getitems is not None else [self.dataset[i] for i in indices]
+        return [{**item, SAMPLE_INDEX: index} for item, index in zip(items, indices)]
+
 
 def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     """Top-1 accuracy of logits against labels (the default `compute_metrics`)."""
@@ -87,29 +92,17 @@ def subnet_for_step(space: FloraSearchSpace, seed: int, step: int, low_rank_awar
     return space.sample(random.Random(seed * 1_000_003 + step), weighted=low_rank_aware)
 
 
-class FloraTrainer(Trainer):
-    """Trains a `FloraSupernetForImageClassification`, one sampled subnet per optimizer step.
+class DistillationTrainer(Trainer):
+    """`Trainer` whose loss distills from a teacher: alpha * KD + (1 - alpha) * cross-entropy on labels.
+
+    Used as is to fine-tune exported compact models, and as FloraTrainer's base for the supernet.
 
     Args:
-        teacher: the dense model to distill from (usually the model the supernet was made from); None trains
-            with cross-entropy only.
-        search_space: the space to sample from (e.g. a filtered one); defaults to the supernet's own.
+        teacher: the dense model to distill from; None trains with cross-entropy only.
         Other arguments are `transformers.Trainer`'s.
     """
 
-    def __init__(
-        self,
-        model: FloraSupernetForImageClassification,
-        args: FloraTrainingArguments,
-        teacher: nn.Module | None = None,
-        search_space: FloraSearchSpace | None = None,
-        **kwargs,
-    ) -> None:
-        if not isinstance(model, FloraSupernetForImageClassification):
-            raise TypeError(f"FloraTrainer trains a FloraSupernetForImageClassification, got {type(model).__name__}")
-        self.search_space = search_space or model.space
-        for subnet in (self.search_space.max_subnet(), self.search_space.min_subnet()):
-            model.space.validate(subnet)  # the space must belong to this supernet
+    def __init__(self, model: nn.Module, args: FloraTrainingArguments, teacher: nn.Module | None = None, **kwargs) -> None:
         kwargs.setdefault("data_collator", default_data_collator)
         kwargs.setdefault("compute_metrics", accuracy_metrics)
         self.teacher = teacher
@@ -124,17 +117,6 @@ class FloraTrainer(Trainer):
             teacher.requires_grad_(False).eval().to(self.args.device)
             if args.cache_teacher_logits and train_dataset is not None:
                 self.teacher_logits = self._cached_teacher_logits(train_dataset)
-
-    # subnet sampling ----------------------------------------------------------------------------------------
-    @property
-    def current_subnet(self) -> Subnet:
-        """The subnet trained at the current optimizer step (the same on every process)."""
-        return subnet_for_step(self.search_space, self.args.seed, self.state.global_step, self.args.low_rank_aware)
-
-    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        # global_step only advances at optimizer steps, so every accumulated micro-batch trains the same subnet
-        self.model.set_subnet(self.current_subnet)
-        return super().training_step(model, inputs, num_items_in_batch)
 
     # loss ---------------------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
@@ -182,6 +164,43 @@ class FloraTrainer(Trainer):
     def _teacher_batch(self, batch: dict) -> torch.Tensor:
         return self.teacher(pixel_values=batch["pixel_values"].to(self.args.device)).logits.float().cpu()
 
+
+class FloraTrainer(DistillationTrainer):
+    """Trains a `FloraSupernetForImageClassification`, one sampled subnet per optimizer step.
+
+    Args:
+        teacher: the dense model to distill from (usually the model the supernet was made from); None trains
+            with cross-entropy only.
+        search_space: the space to sample from (e.g. a filtered one); defaults to the supernet's own.
+        Other arguments are `transformers.Trainer`'s.
+    """
+
+    def __init__(
+        self,
+        model: FloraSupernetForImageClassification,
+        args: FloraTrainingArguments,
+        teacher: nn.Module | None = None,
+        search_space: FloraSearchSpace | None = None,
+        **kwargs,
+    ) -> None:
+        if not isinstance(model, FloraSupernetForImageClassification):
+            raise TypeError(f"FloraTrainer trains a FloraSupernetForImageClassification, got {type(model).__name__}")
+        self.search_space = search_space or model.space
+        for subnet in (self.search_space.max_subnet(), self.search_space.min_subnet()):
+            model.space.validate(subnet)  # the space must belong to this supernet
+        super().__init__(model=model, args=args, teacher=teacher, **kwargs)
+
+    # subnet sampling ----------------------------------------------------------------------------------------
+    @property
+    def current_subnet(self) -> Subnet:
+        """The subnet trained at the current optimizer step (the same on every process)."""
+        return subnet_for_step(self.search_space, self.args.seed, self.state.global_step, self.args.low_rank_aware)
+
+    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        # global_step only advances at optimizer steps, so every accumulated micro-batch trains the same subnet
+        self.model.set_subnet(self.current_subnet)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     # evaluation ---------------------------------------------------------------------------------------------
     def eval_subnets(self) -> dict[str, Subnet]:
         """Named subnets evaluated at each evaluation (`args.eval_subnets`)."""
@@ -218,14 +237,4 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         reduction="batchmean",
         log_target=True,
     ) * temperature**2
-
-
-def load_search_space(path: str | Path | None, supernet: FloraSupernetForImageClassification) -> FloraSearchSpace:
-    """A (filtered) space from JSON that must belong to `supernet`; None gives the supernet's own space."""
-    if path is None:
-        return supernet.space
-    space = FloraSearchSpace.load(path)
-    if space.blocks != supernet.space.blocks:
-        raise SearchSpaceError(f"search space {path} was made for another model than this supernet")
-    return space
 
