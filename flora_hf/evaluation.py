@@ -7,15 +7,43 @@ exactly the single-process one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .data import DataError, collate_image_batch
+
+
+PRELOAD_LIMIT_BYTES = 2**30
+
+
+class PreloadedDataset(Dataset):
+    """An evaluation split collated once into batches and kept in memory.
+
+    Search and filtering evaluate thousands of subnets on the same images; collating them once removes the
+    per-evaluation data-loading cost. Splits larger than `limit_bytes` are not preloaded (see `maybe_preload`).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.batches = list(DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_batch))
+        self.length = len(dataset)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def maybe_preload(dataset: Dataset, batch_size: int, limit_bytes: int = PRELOAD_LIMIT_BYTES) -> Dataset:
+    """`dataset` preloaded when its pixels fit in `limit_bytes`, else as it is (streamed at every evaluation)."""
+    if len(dataset) == 0:
+        return dataset
+    item_bytes = dataset[0]["pixel_values"].element_size() * dataset[0]["pixel_values"].numel()
+    return PreloadedDataset(dataset, batch_size) if item_bytes * len(dataset) <= limit_bytes else dataset
 
 
 def process_layout(accelerator=None) -> tuple[int, int]:
@@ -40,7 +68,10 @@ def count_correct(
     model.eval()
     correct = torch.zeros(len(top_k), dtype=torch.long, device=parameter.device)
     total = 0
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_batch)
+    if isinstance(dataset, PreloadedDataset):
+        loader = dataset.batches
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_batch)
     try:
         for batch in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
             labels = batch["labels"].to(parameter.device)
@@ -83,3 +114,44 @@ def evaluate_accuracy(
     if total == 0:
         raise DataError("cannot measure accuracy on an empty dataset")
     return {f"top{k}": hits / total for k, hits in zip(top_k, correct.tolist())}
+
+
+def evaluate_subnets(
+    supernet: nn.Module,
+    subnets: Sequence[Mapping[str, float]],
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    accelerator=None,
+    description: str = "evaluating subnets",
+    progress: bool = True,
+) -> list[float]:
+    """Top-1 of a supernet at each of `subnets` on the whole `dataset`, in order.
+
+    With several processes each evaluates its share of the subnets and all gather every accuracy, so all
+    processes return the same list. The supernet's active subnet is restored afterwards.
+    """
+    index, count = process_layout(accelerator)
+    previous = supernet.active_subnet
+    mine = []
+    try:
+        for position in tqdm(range(index, len(subnets), count), desc=description, disable=not progress or index != 0):
+            supernet.set_subnet(subnets[position])
+            correct, total = count_correct(supernet, dataset, batch_size=batch_size)
+            if total == 0:
+                raise DataError("cannot measure accuracy on an empty dataset")
+            mine.append((position, int(correct[0]) / total))
+    finally:
+        if previous is not None:
+            supernet.set_subnet(previous)
+    gathered = mine if count == 1 else _gather(mine, accelerator)
+    return [accuracy for _, accuracy in sorted(gathered)]
+
+
+def _gather(items: list, accelerator) -> list:
+    """Every process's `items`, concatenated, on every process."""
+    if accelerator is not None:
+        return gather_object(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]

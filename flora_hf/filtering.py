@@ -17,10 +17,9 @@ from pathlib import Path
 
 from torch import nn
 from torch.utils.data import Dataset, Subset
-from tqdm.auto import tqdm
 
 from .errors import SearchSpaceError
-from .evaluation import evaluate_accuracy
+from .evaluation import evaluate_subnets, maybe_preload
 from .io import read_json, write_json
 from .search_space import Choice, FloraSearchSpace
 from .supernet import FloraSupernetForImageClassification
@@ -105,6 +104,7 @@ def filter_search_space(
     score = score or flops_penalized_score(0.1)
     output_dir = Path(training_args.output_dir)
     subset = _subset(train_dataset, train_fraction, training_args.seed)
+    eval_dataset = maybe_preload(eval_dataset, eval_batch_size)
     kept = []
     for block in range(len(space.blocks)):
         result_file = output_dir / f"block-{block}.json"
@@ -144,18 +144,14 @@ def _score_block(
     )
     trainer = FloraTrainer(model=supernet, args=args, teacher=teacher, search_space=local_space, train_dataset=train_dataset)
     trainer.train(resume_from_checkpoint=any(work_dir.glob("checkpoint-*")) or None)
-    dense_cost = space.choice_cost(block, DENSE)
-    scores = []
     choices = local_space.choices(block)
-    for choice in tqdm(choices, desc=f"scoring block {block}", disable=not trainer.is_world_process_zero()):
-        subnet = local_space.subnet_from_choices(
-            [choice if i == block else DENSE for i in range(len(space.blocks))]
-        )
-        supernet.set_subnet(subnet)
-        accuracy = evaluate_accuracy(supernet, eval_dataset, batch_size=eval_batch_size,
-                                     accelerator=trainer.accelerator)["top1"]
-        scores.append(CandidateScore(choice, accuracy, space.choice_cost(block, choice) / dense_cost))
-    return scores
+    subnets = [local_space.subnet_from_choices([choice if i == block else DENSE for i in range(len(space.blocks))])
+               for choice in choices]
+    accuracies = evaluate_subnets(supernet, subnets, eval_dataset, batch_size=eval_batch_size,
+                                  accelerator=trainer.accelerator, description=f"scoring block {block}")
+    dense_cost = space.choice_cost(block, DENSE)
+    return [CandidateScore(choice, accuracy, space.choice_cost(block, choice) / dense_cost)
+            for choice, accuracy in zip(choices, accuracies)]
 
 
 def _subset(dataset: Dataset, fraction: float, seed: int) -> Dataset:

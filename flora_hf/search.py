@@ -24,14 +24,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-from accelerate.utils import gather_object
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from .data import DataError
 from .errors import CheckpointError, FloraError, SearchSpaceError
-from .evaluation import count_correct, process_layout
+from .evaluation import evaluate_subnets, maybe_preload, process_layout
 from .io import read_json, write_json
 from .macs import count_macs, count_params
 from .search_space import Choice, FloraSearchSpace
@@ -220,7 +217,8 @@ class _Search:
             raise FloraError(f"min_macs ({min_macs:,}) is larger than max_macs ({max_macs:,})")
         if len(eval_dataset) == 0:
             raise DataError("the search's evaluation dataset is empty")
-        self.supernet, self.eval_dataset, self.batch_size = supernet, eval_dataset, batch_size
+        self.supernet, self.batch_size = supernet, batch_size
+        self.eval_dataset = maybe_preload(eval_dataset, batch_size)
         self.space = space if space is not None else supernet.space
         _check_space(supernet, self.space)
         self.min_macs, self.max_macs, self.max_params = min_macs, max_macs, max_params
@@ -287,27 +285,13 @@ class _Search:
     # evaluation ---------------------------------------------------------------------------------------------
     def evaluate(self, batch: dict[Key, Candidate], description: str) -> None:
         """Measures the batch's accuracies, each process its share, and records them (same on every process)."""
-        keys = list(batch)
-        index, count = process_layout(self.accelerator)
-        previous = self.supernet.active_subnet
-        accuracies = []
-        try:
-            with tqdm(total=len(keys[index::count]), desc=description, disable=not self.progress or index != 0) as bar:
-                for position in range(index, len(keys), count):
-                    self.supernet.set_subnet(batch[keys[position]].subnet)
-                    correct, total = count_correct(self.supernet, self.eval_dataset, batch_size=self.batch_size)
-                    accuracies.append((position, int(correct[0]) / total))
-                    bar.update()
-                if count > 1:
-                    accuracies = _gather(accuracies, self.accelerator)
-                for position, accuracy in accuracies:
-                    batch[keys[position]].accuracy = accuracy
-                self.evaluated.update(batch)
-                best = min(self.evaluated.values(), key=_rank)
-                bar.set_postfix(best_top1=f"{best.accuracy:.4f}", macs=f"{best.macs:,}")
-        finally:
-            if previous is not None:
-                self.supernet.set_subnet(previous)
+        accuracies = evaluate_subnets(
+            self.supernet, [candidate.subnet for candidate in batch.values()], self.eval_dataset,
+            batch_size=self.batch_size, accelerator=self.accelerator, description=description, progress=self.progress,
+        )
+        for candidate, accuracy in zip(batch.values(), accuracies):
+            candidate.accuracy = accuracy
+        self.evaluated.update(batch)
 
     def top(self, count: int) -> list[Key]:
         """The `count` best candidates evaluated so far (the official running top-k)."""
@@ -346,15 +330,6 @@ def _check_space(supernet: FloraSupernetForImageClassification, space: FloraSear
         outside = set(space.choices(block)) - set(supernet.space.choices(block))
         if outside:
             raise SearchSpaceError(f"block {block} triple {min(outside)} is not in the supernet's search space")
-
-
-def _gather(items: list, accelerator) -> list:
-    """Every process's `items`, concatenated, on every process."""
-    if accelerator is not None:
-        return gather_object(items)
-    parts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
 
 
 def _load_state(path: Path, settings: dict) -> dict | None:
