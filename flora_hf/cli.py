@@ -19,7 +19,12 @@ RECIPE_STAGES = ("run", "train-dense", "filter", "train-supernet", "search", "fi
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options: `flora-hf run r.yaml --output-dir d seed=1`
+    if extra and args.command in RECIPE_STAGES and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.handler(args)
     except FloraError as error:

@@ -272,11 +272,11 @@ def distributed_main(output_dir: Path) -> None:
     """Each of 2 processes runs the search with an Accelerator and with bare torch.distributed."""
     from accelerate import Accelerator
 
-    import flora_hf.search as search_module
+    import flora_hf.evaluation as evaluation_module
 
     evaluations = []
-    count_correct = search_module.count_correct
-    search_module.count_correct = lambda *args, **kwargs: evaluations.append(1) or count_correct(*args, **kwargs)
+    count_correct = evaluation_module.count_correct
+    evaluation_module.count_correct = lambda *args, **kwargs: evaluations.append(1) or count_correct(*args, **kwargs)
     accelerator = Accelerator(cpu=True)
     supernet, dataset = make_supernet(), make_dataset()
     budget = middle_budget(supernet)
@@ -285,9 +285,9 @@ def distributed_main(output_dir: Path) -> None:
             supernet, dataset, **budget, **SMALL, accelerator=accelerator, state_path=output_dir / "state.json"
         ).to_dict(),
         "torch_distributed": evolutionary_search(supernet, dataset, **budget, **SMALL).to_dict(),
-        "accuracy": evaluate_accuracy(supernet, make_dataset(n=47), accelerator=accelerator),  # at the max subnet
-        "evaluations": len(evaluations),
     }
+    output["evaluations"] = len(evaluations)
+    output["accuracy"] = evaluate_accuracy(supernet, make_dataset(n=47), accelerator=accelerator)  # max subnet
     (output_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(output))
 
 
