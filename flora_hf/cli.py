@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .errors import FloraError
+from .io import read_json
 
 RECIPE_STAGES = ("run", "train-dense", "filter", "train-supernet", "search", "finetune")
 
@@ -96,7 +97,7 @@ def run_recipe_stage(args: argparse.Namespace) -> None:
 def export_command(args: argparse.Namespace) -> None:
     from transformers import AutoImageProcessor
 
-    from .io import atomic_directory, read_json
+    from .io import atomic_directory
     from .supernet import FloraSupernetForImageClassification
 
     output = Path(args.output)
@@ -112,25 +113,36 @@ def export_command(args: argparse.Namespace) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> None:
+    import torch
+    from torch.utils.data import DataLoader
     from transformers import AutoImageProcessor
 
     from .benchmarking import latency_ms
     from .checkpoints import COMPACT_MODEL_TYPES, DENSE_MODEL_TYPES, load_classifier
-    from .data import load_image_dataset
-    from .evaluation import evaluate_accuracy
+    from .data import collate_image_batch, load_image_dataset
     from .macs import count_macs, count_params
+    from .metrics import load_accuracy_metric
 
     model = load_classifier(args.model, COMPACT_MODEL_TYPES + DENSE_MODEL_TYPES, "flora-hf compact or dense model")
     processor = AutoImageProcessor.from_pretrained(args.model)
     dataset = load_image_dataset(args.dataset, processor, seed=args.seed)[args.split]
-    result = evaluate_accuracy(model, dataset, batch_size=args.batch_size)
+    metric = load_accuracy_metric()
+    with torch.inference_mode():
+        for batch in DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_image_batch):
+            metric.add_batch(predictions=model(pixel_values=batch["pixel_values"]).logits, references=batch["labels"])
+    result = metric.compute()
     result.update(params=count_params(model), macs=count_macs(model), latency_ms_batch1=latency_ms(model))
     print(json.dumps(result, indent=2))
 
 
 def macs_command(args: argparse.Namespace) -> None:
-    from .checkpoints import SUPERNET_MODEL_TYPE, checkpoint_model_type, load_classifier
-    from .checkpoints import COMPACT_MODEL_TYPES, DENSE_MODEL_TYPES
+    from .checkpoints import (
+        COMPACT_MODEL_TYPES,
+        DENSE_MODEL_TYPES,
+        SUPERNET_MODEL_TYPE,
+        checkpoint_model_type,
+        load_classifier,
+    )
     from .macs import count_macs, count_params
     from .supernet import FloraSupernetForImageClassification
 
@@ -149,8 +161,6 @@ def push_command(args: argparse.Namespace) -> None:
 
 
 def _read_subnet(path: str) -> dict[str, float]:
-    from .io import read_json
-
     try:
         data = read_json(path)
     except (OSError, ValueError) as error:

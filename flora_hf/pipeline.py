@@ -258,6 +258,11 @@ class Run:
     def entry(self, model: PreTrainedModel) -> dict[str, Any]:
         return {"accuracy": self.accuracy(model), "macs": count_macs(model), "params": count_params(model)}
 
+    def subnet_entry(self, compact: PreTrainedModel, subnet: Subnet) -> dict[str, Any]:
+        """`entry` of a fine-tuned compact model plus the test top-1 of its subnet with inherited weights."""
+        self.supernet.set_subnet(subnet)
+        return {**self.entry(compact), "inherited_accuracy": self.accuracy(self.supernet)}
+
     def uniform_ratios(self) -> list[float]:
         ratios = self.recipe["uniform"]["ratios"]
         return sorted(ratios if ratios is not None else [r for r in self.full_space.ratios if r < 1.0])
@@ -310,13 +315,15 @@ def run_pipeline(run: Run) -> dict[str, Any]:
         settings = {**search_settings, "min_macs": min_macs, "max_macs": max_macs,
                     "filtered_space": run.recipe["filter"]["enabled"]}
         compact = run.compact(name, evolution.best.subnet, search_settings=settings)
-        report["flora"].append({"max_macs": max_macs, **run.entry(compact), "subnet": evolution.best.subnet,
+        report["flora"].append({"max_macs": max_macs, **run.subnet_entry(compact, evolution.best.subnet),
+                                "subnet": evolution.best.subnet,
                                 "checkpoint": name, "search_accuracy": evolution.best.accuracy})
         report["random"].append({"max_macs": max_macs, "macs": baseline.best.macs,
                                  "search_accuracy": baseline.best.accuracy, "evaluated": len(baseline.evaluated)})
     for ratio in run.uniform_ratios():
-        compact = run.compact(f"uniform-{ratio:g}", run.full_space.uniform_subnet(ratio))
-        report["uniform"].append({"ratio": ratio, **run.entry(compact), "checkpoint": f"uniform-{ratio:g}"})
+        subnet = run.full_space.uniform_subnet(ratio)
+        compact = run.compact(f"uniform-{ratio:g}", subnet)
+        report["uniform"].append({"ratio": ratio, **run.subnet_entry(compact, subnet), "checkpoint": f"uniform-{ratio:g}"})
     if run.state.is_main_process:
         write_report(report, searches, run.output_dir)
     run.state.wait_for_everyone()

@@ -30,14 +30,18 @@ def plot_pareto(report: dict[str, Any], searches: Sequence[SearchResult], path: 
     dense = report["dense"]
     test_axes.scatter([dense["macs"] / 1e6], [dense["accuracy"]], marker="*", s=200, color="black", label="dense")
     uniform = sorted(report["uniform"], key=lambda e: e["macs"])
-    test_axes.plot([e["macs"] / 1e6 for e in uniform], [e["accuracy"] for e in uniform], "o--", color="tab:gray",
+    test_axes.plot([e["macs"] / 1e6 for e in uniform], [e["accuracy"] for e in uniform], "o-", color="tab:gray",
                    label="uniform rank (fine-tuned)")
+    test_axes.plot([e["macs"] / 1e6 for e in uniform], [e["inherited_accuracy"] for e in uniform], "o:",
+                   color="tab:gray", alpha=0.6, markerfacecolor="none", label="uniform rank (supernet weights)")
     for entry in uniform:
         test_axes.annotate(f"{entry['ratio']:g}", (entry["macs"] / 1e6, entry["accuracy"]), fontsize=7,
                            textcoords="offset points", xytext=(3, -10))
     flora = sorted(report["flora"], key=lambda e: e["macs"])
     test_axes.plot([e["macs"] / 1e6 for e in flora], [e["accuracy"] for e in flora], "s-", color="tab:red",
                    label="FLORA (searched, fine-tuned)")
+    test_axes.plot([e["macs"] / 1e6 for e in flora], [e["inherited_accuracy"] for e in flora], "s:", color="tab:red",
+                   alpha=0.6, markerfacecolor="none", label="FLORA (supernet weights)")
     test_axes.set(xlabel="MACs per image (M)", ylabel="top-1 accuracy (test split)",
                   title=f"{report['dataset']}: accuracy vs cost")
     for result, entry in zip(searches, report["flora"]):
@@ -86,12 +90,14 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [("dense", dense)]
     rows += [(f"uniform {e['ratio']:g}", e) for e in report["uniform"]]
     rows += [(f"FLORA ≤{e['max_macs'] / dense['macs']:.0%}", e) for e in report["flora"]]
-    lines = [f"{'model':<16} {'top-1':>7} {'MACs (M)':>10} {'MACs %':>7} {'params':>10}"]
+    lines = [f"{'model':<16} {'top-1':>7} {'inherited':>9} {'MACs (M)':>10} {'MACs %':>7} {'params':>10}"]
     for name, entry in rows:
+        inherited = f"{entry['inherited_accuracy']:.4f}" if "inherited_accuracy" in entry else "-"
         lines.append(
-            f"{name:<16} {entry['accuracy']:>7.4f} {entry['macs'] / 1e6:>10.3f} "
+            f"{name:<16} {entry['accuracy']:>7.4f} {inherited:>9} {entry['macs'] / 1e6:>10.3f} "
             f"{entry['macs'] / dense['macs']:>7.1%} {entry['params']:>10,}"
         )
+    lines.append("top-1: test split, fine-tuned; inherited: the same subnet with supernet weights, before fine-tuning")
     return "\n".join(lines)
 
 
