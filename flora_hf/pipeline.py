@@ -89,10 +89,14 @@ class Run:
             raise RecipeError(f"training settings for {name!r}: {error}") from error
 
     def save_directory(self, name: str, save) -> None:
-        """Runs `save(tmp_dir)` on the main process and moves the result to `name` in one rename."""
+        """Runs `save(tmp_dir)` on the main process and moves the result to `name` in one rename.
+
+        The stage's working directory `<name>-training` (checkpoints, cached teacher logits) is removed after.
+        """
         if self.state.is_main_process:
             with atomic_directory(self.path(name)) as tmp:
                 save(tmp)
+            shutil.rmtree(self.path(f"{name}-training"), ignore_errors=True)
         self.state.wait_for_everyone()
 
     # stage 1: dense model ----------------------------------------------------------------------------------
@@ -246,8 +250,6 @@ class Run:
             dense_params=count_params(self.dense), search_settings=search_settings, subnet=subnet,
         )
         self.save_directory(name, compact.save_pretrained)
-        if self.state.is_main_process:
-            shutil.rmtree(self.path(f"{name}-training"), ignore_errors=True)
         return compact
 
     # stage 6: evaluation and report ------------------------------------------------------------------------

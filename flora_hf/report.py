@@ -69,7 +69,7 @@ def plot_rank_maps(report: dict[str, Any], path: Path) -> None:
     """Per FLORA subnet, the ratio of every block's qkv / fc1 / fc2 (darker = lower rank)."""
     entries = report["flora"]
     figure, axes_list = plt.subplots(1, len(entries), figsize=(2.4 * len(entries) + 1, 5), squeeze=False)
-    for axes, entry in zip(axes_list[0], entries):
+    for index, (axes, entry) in enumerate(zip(axes_list[0], entries)):
         groups = list(entry["subnet"])
         rows = [groups[i : i + 3] for i in range(0, len(groups), 3)]
         ratios = [[entry["subnet"][g] for g in row] for row in rows]
@@ -78,7 +78,7 @@ def plot_rank_maps(report: dict[str, Any], path: Path) -> None:
             for c, ratio in enumerate(row):
                 axes.text(c, r, f"{ratio:g}", ha="center", va="center", fontsize=7,
                           color="white" if ratio < 0.6 else "black")
-        axes.set(xticks=range(3), xticklabels=GROUP_KINDS, yticks=range(len(rows)), ylabel="block",
+        axes.set(xticks=range(3), xticklabels=GROUP_KINDS, yticks=range(len(rows)), ylabel="block" if index == 0 else "",
                  title=f"≤{entry['max_macs'] / 1e6:.2f} M MACs\ntop-1 {entry['accuracy']:.3f}")
     figure.colorbar(image, ax=axes_list[0].tolist(), label="rank ratio")
     _save_figure(figure, path)
