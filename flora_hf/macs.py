@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .modeling_flora import QKV_NAMES
-from .search_space import FloraSearchSpace, group_cost, rank_for
+from .search_space import FloraSearchSpace, group_cost
 from .supernet import FloraSuperLinear, FloraSupernetForImageClassification
 
 
@@ -110,8 +110,7 @@ def _subnet_ranks(model: nn.Module, subnet: Mapping[str, float] | None) -> tuple
             return None, {}
     if space is None:
         space = FloraSearchSpace.from_model(model, ratios=sorted({float(r) for r in subnet.values()} | {1.0}))
-    subnet = space.validate(subnet)
-    return space, {g.name: None if subnet[g.name] == 1.0 else rank_for(g, subnet[g.name]) for g in space.groups}
+    return space, space.ranks(subnet)
 
 
 def count_macs(model: nn.Module, subnet: Mapping[str, float] | None = None) -> int:

@@ -246,8 +246,8 @@ class Run:
         accuracy = self.accuracy(compact)
         compact.model_card = render_model_card(
             compact, base_model=self.recipe["model"]["name_or_path"], dataset=self.recipe["dataset"],
-            accuracy=accuracy, dense_accuracy=self.accuracy(self.dense), dense_macs=self.dense_macs,
-            dense_params=count_params(self.dense), search_settings=search_settings, subnet=subnet,
+            accuracy=accuracy, dense_accuracy=self.dense_entry["accuracy"], dense_macs=self.dense_macs,
+            dense_params=self.dense_entry["params"], search_settings=search_settings, subnet=subnet,
         )
         self.save_directory(name, compact.save_pretrained)
         return compact
@@ -256,6 +256,10 @@ class Run:
     def accuracy(self, model: PreTrainedModel) -> float:
         """Top-1 on the test split."""
         return evaluate_accuracy(model, self.datasets["test"], batch_size=self.recipe["evaluate"]["batch_size"])["top1"]
+
+    @cached_property
+    def dense_entry(self) -> dict[str, Any]:
+        return self.entry(self.dense)
 
     def entry(self, model: PreTrainedModel) -> dict[str, Any]:
         return {"accuracy": self.accuracy(model), "macs": count_macs(model), "params": count_params(model)}
@@ -306,7 +310,7 @@ def run_pipeline(run: Run) -> dict[str, Any]:
     """Runs (or resumes) every stage and writes report.json, pareto.png and rank_map.png."""
     from .report import write_report
 
-    report: dict[str, Any] = {"dataset": run.recipe["dataset"], "dense": run.entry(run.dense),
+    report: dict[str, Any] = {"dataset": run.recipe["dataset"], "dense": run.dense_entry,
                               "uniform": [], "flora": [], "random": []}
     searches = []
     search_settings = {k: v for k, v in run.recipe["search"].items() if k != "budgets"}

@@ -154,6 +154,11 @@ class FloraSearchSpace:
         """Weights per token of one block's groups at a (qkv, fc1, fc2) triple: what min/max subnets order by."""
         return sum(ratio_cost(group, ratio) for group, ratio in zip(self.blocks[block], choice))
 
+    def ranks(self, subnet: Mapping[str, float]) -> dict[str, int | None]:
+        """Group -> rank of a (validated) subnet; None where the ratio is 1.0, i.e. the dense layer."""
+        subnet = self.validate(subnet)
+        return {g.name: None if subnet[g.name] == 1.0 else rank_for(g, subnet[g.name]) for g in self.groups}
+
     def max_subnet(self) -> Subnet:
         return self.subnet_from_choices([self._extreme(i, max) for i in range(len(self.blocks))])
 

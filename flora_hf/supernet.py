@@ -18,7 +18,7 @@ from .architectures import GroupShape, check_supported
 from .checkpoints import SUPERNET_MODEL_TYPE, checkpoint_errors, expect_model_type
 from .errors import SearchSpaceError, UnsupportedModelError
 from .modeling_flora import COMPACT_CLASSES, QKV_NAMES, fuse_qkv, qkv_group_to_attention
-from .search_space import FloraSearchSpace, Subnet, rank_for
+from .search_space import FloraSearchSpace, Subnet
 
 FOLD_CHOICES = ("down", "official")
 
@@ -170,14 +170,13 @@ class FloraSupernetForImageClassification(PreTrainedModel):
 
     def ranks(self, subnet: Mapping[str, float]) -> dict[str, int | None]:
         """Group -> rank of a subnet (None where the ratio is 1.0, i.e. the dense layer)."""
-        subnet = self.space.validate(subnet)
-        return {g.name: None if subnet[g.name] == 1.0 else rank_for(g, subnet[g.name]) for g in self.space.groups}
+        return self.space.ranks(subnet)
 
     def set_subnet(self, subnet: Mapping[str, float]) -> None:
         """Makes forward run `subnet` until the next call."""
         for name, rank in self.ranks(subnet).items():
             self.super_layer(name).rank = rank
-        self.active_subnet = dict(self.space.validate(subnet))
+        self.active_subnet = {name: float(subnet[name]) for name in self.space.group_names}
 
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
         return self.model(pixel_values=pixel_values, labels=labels, **kwargs)
