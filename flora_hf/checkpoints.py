@@ -12,8 +12,10 @@ from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification
 
 from .errors import CheckpointError
+from .modeling_spvit import SPVIT_CLASSES
 
-COMPACT_MODEL_TYPES = ("flora_vit", "flora_deit", "flora_deit_distilled", "flora_swin")
+SPVIT_MODEL_TYPES = tuple(cls.config_class.model_type for cls in SPVIT_CLASSES.values())
+COMPACT_MODEL_TYPES = ("flora_vit", "flora_deit", "flora_deit_distilled", "flora_swin", *SPVIT_MODEL_TYPES)
 DENSE_MODEL_TYPES = ("vit", "deit", "swin")
 SUPERNET_MODEL_TYPE = "flora_supernet"
 
@@ -73,5 +75,5 @@ def load_dense(path: str | os.PathLike, **kwargs):
 
 
 def load_compact(path: str | os.PathLike, **kwargs):
-    """A compact FLORA model saved by `export_subnet(...).save_pretrained`."""
+    """A compact FLORA or SPViT model saved by `export_subnet(...)` / `export_pruned(...)` and `save_pretrained`."""
     return load_classifier(path, COMPACT_MODEL_TYPES, "flora-hf compact model", **kwargs)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import SearchSpaceError
 from .modeling_flora import QKV_NAMES
 from .search_space import FloraSearchSpace, group_cost
+from .spvit import SPViTSupernetForImageClassification
 from .supernet import FloraSuperLinear, FloraSupernetForImageClassification
 
 
@@ -116,8 +118,12 @@ def _subnet_ranks(model: nn.Module, subnet: Mapping[str, float] | None) -> tuple
 def count_macs(model: nn.Module, subnet: Mapping[str, float] | None = None) -> int:
     """MACs per image of a dense classifier, a supernet (at `subnet`, default its active one) or a compact model.
 
-    A dense classifier with a `subnet` is counted as that subnet would run after decomposition.
+    A dense classifier with a `subnet` is counted as that subnet would run after decomposition. An SPViT
+    supernet is counted as the pruned model its gates choose now.
     """
+    if isinstance(model, SPViTSupernetForImageClassification):
+        _no_subnet_for_spvit(subnet)
+        return model.count_macs()
     space, ranks = _subnet_ranks(model, subnet)
     groups = set(ranks)
     base = _base_model(model)
@@ -134,6 +140,9 @@ def count_macs(model: nn.Module, subnet: Mapping[str, float] | None = None) -> i
 
 def count_params(model: nn.Module, subnet: Mapping[str, float] | None = None) -> int:
     """Parameters of a model, or of the compact model a subnet of a supernet / dense classifier exports to."""
+    if isinstance(model, SPViTSupernetForImageClassification):
+        _no_subnet_for_spvit(subnet)
+        return sum(p.numel() for p in model.export_pruned().parameters())
     space, ranks = _subnet_ranks(model, subnet)
     base = _base_model(model)
     if space is None:
@@ -148,3 +157,8 @@ def count_params(model: nn.Module, subnet: Mapping[str, float] | None = None) ->
     for group in space.groups:
         total += group_cost(group.in_features, group.out_features, ranks[group.name])
     return total
+
+
+def _no_subnet_for_spvit(subnet: Mapping[str, float] | None) -> None:
+    if subnet is not None:
+        raise SearchSpaceError("an SPViT supernet has no FLORA subnets: its gates choose the architecture")

@@ -103,8 +103,8 @@ def apply_flora_ranks(model: nn.Module, flora_ranks: dict[str, int | None]) -> N
             setattr(model.get_submodule(parent), name, layer)
 
 
-class FloraCompactMixin:
-    """Builds the stock classifier, then swaps in the low-rank layers that `config.flora_ranks` names.
+class CompactModelMixin:
+    """Saves a compact model ready to use: keys are module paths, plus its image processor and model card.
 
     `image_processor` and `model_card` (markdown), when set, are written by `save_pretrained` beside the
     weights, so a saved directory works in `pipeline()` and on the Hub as it is.
@@ -112,11 +112,6 @@ class FloraCompactMixin:
 
     image_processor = None
     model_card: str | None = None
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        apply_flora_ranks(self, config.flora_ranks or {})
-        self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # keys stay the module paths (= FLORA group names) instead of transformers 4.x legacy ViT names
@@ -126,6 +121,15 @@ class FloraCompactMixin:
             self.image_processor.save_pretrained(save_directory)
         if self.model_card is not None:
             Path(save_directory, "README.md").write_text(self.model_card)
+
+
+class FloraCompactMixin(CompactModelMixin):
+    """Builds the stock classifier, then swaps in the low-rank layers that `config.flora_ranks` names."""
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        apply_flora_ranks(self, config.flora_ranks or {})
+        self.post_init()
 
 
 class FloraViTConfig(ViTConfig):
