@@ -7,7 +7,7 @@ from .evaluation import evaluate_accuracy
 from .filtering import filter_search_space
 from .macs import count_macs, count_params
 from .modeling_flora import COMPACT_CLASSES
-from .modeling_spvit import SPVIT_CLASSES
+from .modeling_spvit import FLORA_SPVIT_CLASSES, SPVIT_CLASSES
 from .search import Candidate, SearchResult, evolutionary_search, random_search
 from .search_space import FloraSearchSpace
 from .spvit import SPViTSupernetConfig, SPViTSupernetForImageClassification
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 def _register_auto_classes() -> None:
     """`import flora_hf` makes the Auto classes know compact models; `save_pretrained` writes their auto_map."""
-    for compact_cls in (*COMPACT_CLASSES.values(), *SPVIT_CLASSES.values()):
+    for compact_cls in (*COMPACT_CLASSES.values(), *SPVIT_CLASSES.values(), *FLORA_SPVIT_CLASSES.values()):
         config_cls = compact_cls.config_class
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForImageClassification.register(config_cls, compact_cls, exist_ok=True)

@@ -13,8 +13,11 @@ from torch import nn
 
 from .errors import UnsupportedModelError
 from .modeling_flora import COMPACT_CLASSES, QKV_NAMES
+from .modeling_spvit import FLORA_SPVIT_CLASSES
 
-SUPPORTED_CLASSES = tuple(cls.__name__ for cls in COMPACT_CLASSES)
+FLORA_CLASSES = {**COMPACT_CLASSES, **FLORA_SPVIT_CLASSES}
+"""Every classifier FLORA decomposes (stock ViT / DeiT / Swin and SPViT-pruned ViT / DeiT) -> its compact class."""
+SUPPORTED_CLASSES = tuple(cls.__name__ for cls in FLORA_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class GroupShape:
 
 def check_supported(model: nn.Module) -> None:
     """Raises `UnsupportedModelError` unless `model` is a stock classifier flora-hf can decompose."""
-    if type(model) not in COMPACT_CLASSES:
+    if type(model) not in FLORA_CLASSES:
         raise UnsupportedModelError(
             f"{type(model).__name__} is not supported: flora-hf decomposes the transformers image classifiers "
             f"{', '.join(SUPPORTED_CLASSES)}."

@@ -12,9 +12,9 @@ from safetensors import SafetensorError
 from transformers import AutoModelForImageClassification
 
 from .errors import CheckpointError
-from .modeling_spvit import SPVIT_CLASSES
+from .modeling_spvit import FLORA_SPVIT_CLASSES, SPVIT_CLASSES
 
-SPVIT_MODEL_TYPES = tuple(cls.config_class.model_type for cls in SPVIT_CLASSES.values())
+SPVIT_MODEL_TYPES = tuple(cls.config_class.model_type for cls in (*SPVIT_CLASSES.values(), *FLORA_SPVIT_CLASSES.values()))
 COMPACT_MODEL_TYPES = ("flora_vit", "flora_deit", "flora_deit_distilled", "flora_swin", *SPVIT_MODEL_TYPES)
 DENSE_MODEL_TYPES = ("vit", "deit", "swin")
 SUPERNET_MODEL_TYPE = "flora_supernet"

@@ -1,8 +1,8 @@
 """`flora-hf`: the FLORA pipeline from the command line.
 
 Recipe commands (`run`, `train-dense`, `filter`, `train-supernet`, `search`, `finetune`) run the pipeline up to
-that stage in the recipe's run directory, skipping stages whose output exists; they work unchanged under
-`accelerate launch`. Model commands (`export`, `evaluate`, `macs`, `push`) act on checkpoints directly.
+that stage in the recipe's run directory, skipping stages whose output exists; `spvit-search` runs SPViT pruning
+of the dense model (gate search, then fine-tuning). They work unchanged under `accelerate launch`. Model commands (`export`, `evaluate`, `macs`, `push`) act on checkpoints directly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from .errors import FloraError
 from .io import read_json
 
-RECIPE_STAGES = ("run", "train-dense", "filter", "train-supernet", "search", "finetune")
+RECIPE_STAGES = ("run", "train-dense", "filter", "train-supernet", "search", "finetune", "spvit-search")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flora-hf", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     for name in RECIPE_STAGES:
-        command = commands.add_parser(name, help=f"run the pipeline up to '{name}' from a recipe YAML")
+        summary = "SPViT-prune the dense model" if name == "spvit-search" else f"run the pipeline up to '{name}'"
+        command = commands.add_parser(name, help=f"{summary} from a recipe YAML")
         command.add_argument("recipe", help="recipe YAML (see recipes/)")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. seed=1")
         command.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
@@ -82,6 +83,14 @@ def run_recipe_stage(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     run = prepare_run(recipe, args.output_dir, overwrite=args.overwrite)
     stage = args.command
+    if stage == "spvit-search":
+        from .spvit_pipeline import run_spvit
+
+        report = run_spvit(run)
+        if run.state.is_main_process:
+            print(format_table(report))
+            print(f"report: {run.path('spvit_report.json')}")
+        return
     if stage in ("run", "finetune"):
         report = run_pipeline(run)
         if run.state.is_main_process:

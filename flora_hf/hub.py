@@ -1,4 +1,4 @@
-"""Publishing compact FLORA models: a model card built from structured data, and a thin push to the Hub.
+"""Publishing compact FLORA / SPViT models: a model card built from structured data, and a thin push to the Hub.
 
 The card's YAML metadata comes only from `huggingface_hub.ModelCardData` (never hand-written YAML, a known cause
 of "YAML Metadata Error" on the Hub); its body is the jinja template `flora_model_card.md`, shipped in the
@@ -26,6 +26,7 @@ from .macs import count_macs, count_params
 
 CARD_TEMPLATE = "flora_model_card.md"
 CARD_TAGS = ("flora", "low-rank", "vision-transformer", "image-classification")
+SPVIT_TAGS = ("spvit", "pruning")
 GROUP_KINDS = ("qkv", "fc1", "fc2")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 ARCHITECTURE_NAMES = {"vit": "ViT", "deit": "DeiT", "deit_distilled": "DeiT (with distillation head)", "swin": "Swin"}
@@ -67,9 +68,12 @@ def render_model_card(
     (e.g. MACs budget, population, generations) and the searched `subnet` ({group: ratio}) are shown as given.
     Assign the result to `compact.model_card` and `save_pretrained` writes it as README.md.
     """
-    ranks = getattr(compact.config, "flora_ranks", None)
-    if not ranks:
-        raise CheckpointError(f"{type(compact).__name__} is not a compact FLORA model: its config has no flora_ranks")
+    ranks = getattr(compact.config, "flora_ranks", None) or {}
+    ops = getattr(compact.config, "spvit_ops", None) or {}
+    if not ranks and not ops:
+        raise CheckpointError(
+            f"{type(compact).__name__} is not a compact flora-hf model: its config has no flora_ranks or spvit_ops"
+        )
     for name, value in (("accuracy", accuracy), ("dense_accuracy", dense_accuracy)):
         if value is not None and not 0.0 <= value <= 1.0:
             raise FloraError(f"{name}={value!r}: accuracies are fractions in [0, 1], not percentages")
@@ -79,8 +83,10 @@ def render_model_card(
     if subnet is not None and set(subnet) - set(ranks):
         raise SearchSpaceError(f"subnet names groups the model does not have: {sorted(set(subnet) - set(ranks))}")
 
-    architecture = compact.config.model_type.removeprefix("flora_")
-    model_name = repo_id.rpartition("/")[2] if repo_id else f"{(base_model or architecture).rpartition('/')[2]}-flora"
+    method = " + ".join(name for name, present in (("SPViT", ops), ("FLORA", ranks)) if present)
+    architecture = compact.config.model_type.removeprefix("flora_").removeprefix("spvit_")
+    suffix = method.lower().replace(" + ", "-")
+    model_name = repo_id.rpartition("/")[2] if repo_id else f"{(base_model or architecture).rpartition('/')[2]}-{suffix}"
     eval_results = None
     if accuracy is not None:
         eval_results = [
@@ -103,7 +109,7 @@ def render_model_card(
         metrics=["accuracy"] if eval_results else None,
         model_name=model_name if eval_results else None,
         pipeline_tag="image-classification",
-        tags=list(CARD_TAGS),
+        tags=[*CARD_TAGS, *(SPVIT_TAGS if ops else ())],
     )
     macs, params = count_macs(compact), count_params(compact)
     image_size = compact.config.image_size
@@ -120,7 +126,9 @@ def render_model_card(
             _cost_row("Parameters", dense_params, params),
             _accuracy_row(f"Top-1 accuracy ({dataset}, {dataset_split})", dense_accuracy, accuracy),
         ],
-        rank_rows=_rank_rows(ranks, subnet),
+        method=method,
+        spvit_rows=_spvit_rows(compact.config) if ops else None,
+        rank_rows=_rank_rows(ranks, subnet) if ranks else None,
         has_ratios=subnet is not None,
         low_rank_count=sum(rank is not None for rank in ranks.values()),
         group_count=len(ranks),
@@ -165,6 +173,12 @@ def _rank_rows(ranks: Mapping[str, int | None], subnet: Mapping[str, float] | No
             for block, cells in blocks.items()]
 
 
+def _spvit_rows(config) -> list[dict[str, str]]:
+    sizes = config.spvit_mlp_sizes or {}
+    return [{"block": block, "op": op, "units": str(sizes.get(block, config.intermediate_size))}
+            for block, op in config.spvit_ops.items()]
+
+
 def _cell(value: Any) -> str:
     """A markdown table cell: strings as they are, anything else as compact JSON; pipes escaped."""
     text = value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
@@ -173,7 +187,7 @@ def _cell(value: Any) -> str:
 
 # push ---------------------------------------------------------------------------------------------------------
 def check_compact_folder(folder: str | os.PathLike) -> Path:
-    """Raises `CheckpointError` unless `folder` holds a saved compact FLORA model (config.json + safetensors)."""
+    """Raises `CheckpointError` unless `folder` holds a saved compact flora-hf model (config.json + safetensors)."""
     path = Path(folder)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory: push a folder written by a compact model's save_pretrained")
@@ -215,7 +229,7 @@ def push_to_hub(
     *,
     token: str | None = None,
     private: bool = False,
-    commit_message: str = "Upload compact FLORA model",
+    commit_message: str = "Upload compact flora-hf model",
     api: HubApi | None = None,
 ) -> str:
     """Creates `repo_id` (if needed) and uploads the compact model in `folder`; returns the commit URL.

@@ -9,6 +9,8 @@ A compact SPViT model is its stock transformers classifier with two changes, dri
   (kept), `"conv3x3"` / `"conv1x1"` (a bottleneck convolution over the patch grid) or `"skip"` (no attention
   branch);
 - `spvit_mlp_sizes` (`{layer path: hidden units}`): the width each pruned MLP keeps.
+
+FLORA can then decompose a pruned model: the `FloraSPViT*` classes add `flora_ranks` on top of the pruning.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers.models.deit.modeling_deit import (
 )
 from transformers.models.vit.modeling_vit import ViTForImageClassification
 
-from .modeling_flora import CompactModelMixin
+from .modeling_flora import CompactModelMixin, FloraCompactMixin
 
 SPVIT_OPS = ("skip", "conv1x1", "conv3x3", "msa")
 """The ops of an MSA layer, nested: each one uses a subset of the next one's parameters."""
@@ -154,3 +156,38 @@ SPVIT_CLASSES = {
     DeiTForImageClassificationWithTeacher: SPViTDeiTForImageClassificationWithTeacher,
 }
 """Stock classifier class -> its pruned SPViT class."""
+
+
+class FloraSPViTViTConfig(SPViTViTConfig):
+    model_type = "flora_spvit_vit"
+    flora_ranks: dict | None = None
+
+
+class FloraSPViTDeiTConfig(SPViTDeiTConfig):
+    model_type = "flora_spvit_deit"
+    flora_ranks: dict | None = None
+
+
+class FloraSPViTDeiTDistilledConfig(SPViTDeiTDistilledConfig):
+    model_type = "flora_spvit_deit_distilled"
+    flora_ranks: dict | None = None
+
+
+class FloraSPViTViTForImageClassification(FloraCompactMixin, SPViTViTForImageClassification):
+    config_class = FloraSPViTViTConfig
+
+
+class FloraSPViTDeiTForImageClassification(FloraCompactMixin, SPViTDeiTForImageClassification):
+    config_class = FloraSPViTDeiTConfig
+
+
+class FloraSPViTDeiTForImageClassificationWithTeacher(FloraCompactMixin, SPViTDeiTForImageClassificationWithTeacher):
+    config_class = FloraSPViTDeiTDistilledConfig
+
+
+FLORA_SPVIT_CLASSES = {
+    SPViTViTForImageClassification: FloraSPViTViTForImageClassification,
+    SPViTDeiTForImageClassification: FloraSPViTDeiTForImageClassification,
+    SPViTDeiTForImageClassificationWithTeacher: FloraSPViTDeiTForImageClassificationWithTeacher,
+}
+"""Pruned SPViT class -> its FLORA low-rank class."""

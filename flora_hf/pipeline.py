@@ -1,6 +1,6 @@
 """The FLORA pipeline as resumable stages over one run directory.
 
-dense model -> candidate filtering -> supernet training -> search per MACs budget -> export + fine-tune of each
+dense model -> (SPViT pruning, when `spvit.enabled`) -> candidate filtering -> supernet training -> search per MACs budget -> export + fine-tune of each
 best subnet (and of the uniform-rank baselines) -> evaluation on the test split -> report.
 
 Every stage writes its output atomically and is skipped when that output exists, so `flora-hf run` can be
@@ -42,6 +42,8 @@ from .search import SearchResult, evolutionary_search, random_search
 from .search_space import FloraSearchSpace, Subnet
 from .supernet import FloraSupernetForImageClassification
 from .trainer import DistillationTrainer, FloraTrainer, FloraTrainingArguments, accuracy_metrics
+
+SPVIT_MODEL_DIR = "spvit"
 
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "report.json"
@@ -141,10 +143,19 @@ class Run:
         self.save_directory("dense", save)
         return model
 
+    @cached_property
+    def base(self) -> PreTrainedModel:
+        """The model FLORA decomposes (and distills from): the dense model, or its SPViT-pruned version."""
+        if not self.recipe["spvit"]["enabled"]:
+            return self.dense
+        from .spvit_pipeline import spvit_model
+
+        return spvit_model(self)
+
     # stage 2: candidate filtering --------------------------------------------------------------------------
     @cached_property
     def full_space(self) -> FloraSearchSpace:
-        return FloraSearchSpace.from_model(self.dense, ratios=self.recipe["search_space"]["ratios"])
+        return FloraSearchSpace.from_model(self.base, ratios=self.recipe["search_space"]["ratios"])
 
     @cached_property
     def space(self) -> FloraSearchSpace:
@@ -157,7 +168,7 @@ class Run:
             return FloraSearchSpace.load(saved)
         keep_fraction = None if settings["max_accuracy_drop"] is not None else settings["keep_fraction"]
         return filter_search_space(
-            self.dense, self.datasets["train"], self.datasets["validation"],
+            self.base, self.datasets["train"], self.datasets["validation"],
             self.training_args(settings["training"], "filter"), space=self.full_space,
             train_fraction=settings["train_fraction"], keep_fraction=keep_fraction,
             max_accuracy_drop=settings["max_accuracy_drop"], score=flops_penalized_score(settings["flops_penalty"]),
@@ -169,14 +180,14 @@ class Run:
     def supernet(self) -> FloraSupernetForImageClassification:
         if self.path("supernet").exists():
             supernet = FloraSupernetForImageClassification.from_pretrained(self.path("supernet"))
-            supernet.space.check_model(self.dense)
+            supernet.space.check_model(self.base)
             return supernet.eval()
         supernet = FloraSupernetForImageClassification.from_dense(
-            self.dense, space=self.full_space,
+            self.base, space=self.full_space,
             fold_singular_values=self.recipe["search_space"]["fold_singular_values"],
         )
         args = self.training_args(self.recipe["train_supernet"], "supernet-training")
-        trainer = FloraTrainer(model=supernet, args=args, teacher=self.dense, search_space=self.space,
+        trainer = FloraTrainer(model=supernet, args=args, teacher=self.base, search_space=self.space,
                                train_dataset=self.datasets["train"], eval_dataset=self.datasets["validation"])
         trainer.train(resume_from_checkpoint=_has_checkpoint(self.path("supernet-training")))
 
@@ -193,13 +204,13 @@ class Run:
         return count_macs(self.dense)
 
     def budgets(self) -> list[tuple[int, int]]:
-        """(min MACs, max MACs) of every budget in the recipe."""
+        """(min MACs, max MACs) of every budget in the recipe; fractions are of the decomposed model's MACs."""
         settings = self.recipe["search"]
         budgets = []
         for budget in settings["budgets"]:
             if not isinstance(budget, (int, float)) or budget <= 0:
                 raise RecipeError(f"search budget {budget!r} must be a positive fraction of dense MACs or a MACs count")
-            max_macs = int(budget * self.dense_macs) if budget <= 1 else int(budget)
+            max_macs = int(budget * count_macs(self.base)) if budget <= 1 else int(budget)
             budgets.append((int(max_macs * (1 - settings["budget_window"])), max_macs))
         return budgets
 
@@ -236,18 +247,23 @@ class Run:
         if self.path(name).exists():
             return load_compact(self.path(name)).eval()
         compact = self.supernet.export_subnet(subnet, image_processor=self.image_processor)
-        settings = self.recipe["finetune"]
+        return self.finetune_and_save(name, compact, self.recipe["finetune"], teacher=self.base,
+                                      search_settings=search_settings, subnet=subnet)
+
+    def finetune_and_save(self, name: str, compact: PreTrainedModel, settings: dict, teacher: PreTrainedModel,
+                          **card) -> PreTrainedModel:
+        """Fine-tunes an exported model with distillation from `teacher` (if `settings`), then saves it with its
+        model card (`card`: extra `render_model_card` arguments) as run directory `name`."""
         if settings:
             args = self.training_args(settings, f"{name}-training")
-            trainer = DistillationTrainer(model=compact, args=args, teacher=self.dense,
+            trainer = DistillationTrainer(model=compact, args=args, teacher=teacher,
                                           train_dataset=self.datasets["train"])
             trainer.train(resume_from_checkpoint=_has_checkpoint(self.path(f"{name}-training")))
         compact.eval()
-        accuracy = self.accuracy(compact)
         compact.model_card = render_model_card(
             compact, base_model=self.recipe["model"]["name_or_path"], dataset=self.recipe["dataset"],
-            accuracy=accuracy, dense_accuracy=self.dense_entry["accuracy"], dense_macs=self.dense_macs,
-            dense_params=self.dense_entry["params"], search_settings=search_settings, subnet=subnet,
+            accuracy=self.accuracy(compact), dense_accuracy=self.dense_entry["accuracy"], dense_macs=self.dense_macs,
+            dense_params=self.dense_entry["params"], **card,
         )
         self.save_directory(name, compact.save_pretrained)
         return compact
@@ -312,6 +328,8 @@ def run_pipeline(run: Run) -> dict[str, Any]:
 
     report: dict[str, Any] = {"dataset": run.recipe["dataset"], "dense": run.dense_entry,
                               "uniform": [], "flora": [], "random": []}
+    if run.recipe["spvit"]["enabled"]:
+        report["spvit"] = {**run.entry(run.base), "checkpoint": SPVIT_MODEL_DIR}
     searches = []
     search_settings = {k: v for k, v in run.recipe["search"].items() if k != "budgets"}
     for min_macs, max_macs in run.budgets():

@@ -1,8 +1,8 @@
 """Recipes: one YAML file describes a whole FLORA run; `key.sub=value` overrides change it from the command line.
 
 Every section has defaults (below), so a recipe only states what differs. The training sections
-(`train_dense`, `filter.training`, `train_supernet`, `finetune`) are `FloraTrainingArguments` keyword
-arguments, passed through as they are.
+(`train_dense`, `filter.training`, `train_supernet`, `finetune`, `spvit.finetune`) are `FloraTrainingArguments`
+keyword arguments (`spvit.search`: `SPViTTrainingArguments`), passed through as they are.
 """
 
 from __future__ import annotations
@@ -53,6 +53,16 @@ DEFAULTS: dict[str, Any] = {
         "crossovers": 25,
         "mutation_prob": 0.2,
         "batch_size": 256,
+    },
+    "spvit": {
+        "enabled": False,  # run SPViT pruning first; FLORA then decomposes the pruned model
+        "macs_target": 0.5,  # SPViT's MACs target, a fraction of the dense model's
+        "macs_loss_weight": 20.0,
+        "gate_learning_rate": 1e-3,
+        "alpha": 0.01,
+        "gate_init": 1.5,
+        "search": {},  # SPViTTrainingArguments of the gate search
+        "finetune": {},  # FloraTrainingArguments of the pruned model's fine-tuning with distillation
     },
     "uniform": {"ratios": None},  # uniform-rank baselines; None: every ratio of the space below 1.0
     "finetune": {},

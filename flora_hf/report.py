@@ -29,6 +29,10 @@ def plot_pareto(report: dict[str, Any], searches: Sequence[SearchResult], path: 
     figure, (test_axes, search_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     dense = report["dense"]
     test_axes.scatter([dense["macs"] / 1e6], [dense["accuracy"]], marker="*", s=200, color="black", label="dense")
+    if "spvit" in report:
+        spvit = report["spvit"]
+        test_axes.scatter([spvit["macs"] / 1e6], [spvit["accuracy"]], marker="D", s=80, color="tab:purple",
+                          label="SPViT-pruned (FLORA's base)")
     uniform = sorted(report["uniform"], key=lambda e: e["macs"])
     test_axes.plot([e["macs"] / 1e6 for e in uniform], [e["accuracy"] for e in uniform], "o-", color="tab:gray",
                    label="uniform rank (fine-tuned)")
@@ -85,11 +89,12 @@ def plot_rank_maps(report: dict[str, Any], path: Path) -> None:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """A plain-text comparison table of dense, uniform and FLORA models."""
+    """A plain-text comparison table of dense, SPViT-pruned, uniform and FLORA models (those in the report)."""
     dense = report["dense"]
     rows = [("dense", dense)]
-    rows += [(f"uniform {e['ratio']:g}", e) for e in report["uniform"]]
-    rows += [(f"FLORA ≤{e['max_macs'] / dense['macs']:.0%}", e) for e in report["flora"]]
+    rows += [("SPViT", report["spvit"])] if "spvit" in report else []
+    rows += [(f"uniform {e['ratio']:g}", e) for e in report.get("uniform", [])]
+    rows += [(f"FLORA ≤{e['max_macs'] / dense['macs']:.0%}", e) for e in report.get("flora", [])]
     lines = [f"{'model':<16} {'top-1':>7} {'inherited':>9} {'MACs (M)':>10} {'MACs %':>7} {'params':>10}"]
     for name, entry in rows:
         inherited = f"{entry['inherited_accuracy']:.4f}" if "inherited_accuracy" in entry else "-"

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 
-from .architectures import GroupShape, check_supported
+from .architectures import FLORA_CLASSES, GroupShape, check_supported
 from .checkpoints import SUPERNET_MODEL_TYPE, checkpoint_errors, expect_model_type
 from .errors import SearchSpaceError, UnsupportedModelError
-from .modeling_flora import COMPACT_CLASSES, QKV_NAMES, fuse_qkv, qkv_group_to_attention
+from .modeling_flora import QKV_NAMES, fuse_qkv, qkv_group_to_attention
 from .search_space import FloraSearchSpace, Subnet
 
 FOLD_CHOICES = ("down", "official")
@@ -212,7 +212,7 @@ class FloraSupernetForImageClassification(PreTrainedModel):
                 if layer.up.bias is not None:
                     state[f"{key}.up.bias"] = layer.up.bias.clone()
             compact_ranks[group.name] = rank
-        compact_cls = COMPACT_CLASSES[type(self.model)]
+        compact_cls = FLORA_CLASSES[type(self.model)]
         config_dict = {k: v for k, v in self.model.config.to_dict().items() if k not in ("model_type", "architectures")}
         config = compact_cls.config_class(**config_dict, flora_ranks=compact_ranks)
         compact = compact_cls(config)
@@ -225,7 +225,7 @@ def _build_base_model(config: FloraSupernetConfig) -> PreTrainedModel:
     """The dense classifier a saved supernet wraps, rebuilt from its config (weights come from the checkpoint)."""
     if not config.base_config or not config.base_architecture:
         raise UnsupportedModelError("supernet config lacks base_config / base_architecture")
-    supported = {cls.__name__: cls for cls in COMPACT_CLASSES}
+    supported = {cls.__name__: cls for cls in FLORA_CLASSES}
     if config.base_architecture not in supported:
         raise UnsupportedModelError(
             f"{config.base_architecture} is not supported: flora-hf decomposes {', '.join(supported)}"

@@ -164,7 +164,7 @@ def test_card_rejects_bad_input(exported):
         card_for(exported, accuracy=87.5)
     with pytest.raises(SearchSpaceError, match="does not have"):
         card_for(exported, subnet={"vit.layers.9.mlp.fc1": 0.5})
-    with pytest.raises(CheckpointError, match="not a compact FLORA model"):
+    with pytest.raises(CheckpointError, match="not a compact flora-hf model"):
         render_model_card(make_model("vit"), base_model=None, dataset="digits", accuracy=None, dense_accuracy=None,
                           dense_macs=1, dense_params=1)
 

@@ -200,3 +200,59 @@ def test_bad_input_is_named():
         supernet.export_pruned({**architecture, "mlp_units": {**architecture["mlp_units"], "vit.layers.0": [64]}})
     with pytest.raises(SearchSpaceError, match="no FLORA subnets"):
         count_macs(supernet, {"vit.layers.0.mlp.fc1": 0.5})
+
+
+def test_flora_decomposes_a_pruned_model(tmp_path):
+    from flora_hf import FloraSearchSpace, FloraSupernetForImageClassification
+
+    pruned = randomized_supernet("vit").export_pruned()
+    space = FloraSearchSpace.from_model(pruned)
+    assert [block[0].name for block in space.blocks] == ["vit.layers.3.attention.qkv"]  # the one MSA block left
+    supernet = FloraSupernetForImageClassification.from_dense(pruned, space=space)
+    x = pixel_values(pruned)
+    with torch.no_grad():
+        torch.testing.assert_close(supernet(pixel_values=x).logits, pruned(pixel_values=x).logits, atol=1e-5, rtol=0)
+    subnet = space.min_subnet()
+    supernet.set_subnet(subnet)
+    compact = supernet.export_subnet(subnet)
+    assert compact.config.spvit_ops == pruned.config.spvit_ops and compact.config.flora_ranks
+    with torch.no_grad():
+        torch.testing.assert_close(compact(pixel_values=x).logits, supernet(pixel_values=x).logits, atol=1e-5, rtol=0)
+    assert count_macs(compact) == count_macs(supernet, subnet) < count_macs(pruned)
+    compact.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(loaded) is type(compact)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=x).logits, compact(pixel_values=x).logits, atol=1e-5, rtol=0)
+
+
+def test_gates_converge_toward_the_macs_target_on_digits(tmp_path):
+    from flora_hf import SPViTTrainer, SPViTTrainingArguments
+    from flora_hf.data import load_image_dataset, make_image_processor
+
+    data = load_image_dataset("digits", make_image_processor(16), seed=0)
+    supernet = SPViTSupernetForImageClassification.from_dense(make_model("vit", num_labels=10))
+    args = SPViTTrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=3, learning_rate=1e-3, per_device_train_batch_size=64,
+        lr_scheduler_type="constant", gate_learning_rate=0.1, macs_target=0.5, macs_loss_weight=20.0,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = SPViTTrainer(model=supernet, args=args, train_dataset=data["train"])
+    groups = trainer.create_optimizer().param_groups
+    assert groups[2]["lr"] == 0.1 and groups[2]["weight_decay"] == 0.0
+    assert sum(p.numel() for p in groups[2]["params"]) == sum(m.gate_logits.numel() for m in supernet.gate_modules())
+    trainer.train()
+    fractions = [log["macs_fraction"] for log in trainer.state.log_history if "macs_fraction" in log]
+    assert fractions[0] == 1.0
+    assert abs(count_macs(supernet) / supernet.config.dense_macs - 0.5) < 0.1
+    compact = supernet.eval().export_pruned()
+    assert count_macs(compact) == count_macs(supernet)
+
+
+def test_training_arguments_reject_bad_targets(tmp_path):
+    from flora_hf import SPViTTrainingArguments
+
+    with pytest.raises(ValueError, match="macs_target must be a fraction"):
+        SPViTTrainingArguments(output_dir=str(tmp_path), macs_target=1.5)
+    with pytest.raises(ValueError, match="gate_learning_rate must be positive"):
+        SPViTTrainingArguments(output_dir=str(tmp_path), gate_learning_rate=0)
