@@ -1,4 +1,4 @@
-"""Compact SPViT models: ViT / DeiT classifiers whose attention layers may be convolutions and whose MLPs are pruned.
+"""Compact SPViT models: ViT / DeiT / Swin classifiers whose attention layers may be convolutions and whose MLPs are pruned.
 
 This file imports only torch and transformers. flora_hf builds its pruned models from it, and `save_pretrained`
 copies this very file (and modeling_flora.py, which it imports) into every checkpoint, so the checkpoint also loads with `trust_remote_code=True` where
@@ -6,8 +6,8 @@ flora_hf is not installed.
 
 A compact SPViT model is its stock transformers classifier with two changes, driven by its config:
 - `spvit_ops` (`{layer path: op}`): the op that replaces a layer's multi-head self-attention (MSA): `"msa"`
-  (kept), `"conv3x3"` / `"conv1x1"` (a bottleneck convolution over the patch grid) or `"skip"` (no attention
-  branch);
+  (kept), `"conv3x3"` / `"conv1x1"` (a bottleneck convolution over the patch grid; for Swin, over each attention
+  window, zero-padded at its borders, as in SPViT's search) or `"skip"` (no attention branch);
 - `spvit_mlp_sizes` (`{layer path: hidden units}`): the width each pruned MLP keeps.
 
 FLORA can then decompose a pruned model: the `FloraSPViT*` classes add `flora_ranks` on top of the pruning.
@@ -19,11 +19,12 @@ import math
 
 import torch
 from torch import nn
-from transformers import DeiTConfig, ViTConfig
+from transformers import DeiTConfig, SwinConfig, ViTConfig
 from transformers.models.deit.modeling_deit import (
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
 )
+from transformers.models.swin.modeling_swin import SwinForImageClassification
 from transformers.models.vit.modeling_vit import ViTForImageClassification
 
 from .modeling_flora import CompactModelMixin, FloraCompactMixin
@@ -35,7 +36,9 @@ KERNEL_SIZES = {"conv1x1": 1, "conv3x3": 3}
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    """Tokens before the patch tokens (ViT: [CLS]; DeiT: [CLS] and the distillation token)."""
+    """Tokens an attention layer sees before the patch tokens (ViT: [CLS]; DeiT: [CLS] and distillation; Swin: none)."""
+    if isinstance(model, SwinForImageClassification):
+        return 0  # Swin attention sees one window of patch tokens at a time
     embeddings = model.base_model.embeddings
     return embeddings.position_embeddings.shape[1] - embeddings.patch_embeddings.num_patches
 
@@ -56,7 +59,8 @@ def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
 class BottleneckConvAttention(nn.Module):
     """Stands in for an MSA layer: a k x k conv (hidden -> head_dim), BatchNorm, ReLU and a 1 x 1 conv back.
 
-    It runs on the patch grid; prefix tokens ([CLS], distillation) pass through unchanged, as in SPViT.
+    It runs on the patch grid (Swin: on each attention window); prefix tokens ([CLS], distillation) pass through
+    unchanged, as in SPViT.
     """
 
     def __init__(self, hidden_size: int, head_dim: int, kernel_size: int, num_prefix_tokens: int) -> None:
@@ -138,6 +142,12 @@ class SPViTDeiTDistilledConfig(DeiTConfig):
     spvit_mlp_sizes: dict | None = None
 
 
+class SPViTSwinConfig(SwinConfig):
+    model_type = "spvit_swin"
+    spvit_ops: dict | None = None
+    spvit_mlp_sizes: dict | None = None
+
+
 class SPViTViTForImageClassification(SPViTCompactMixin, ViTForImageClassification):
     config_class = SPViTViTConfig
 
@@ -150,10 +160,15 @@ class SPViTDeiTForImageClassificationWithTeacher(SPViTCompactMixin, DeiTForImage
     config_class = SPViTDeiTDistilledConfig
 
 
+class SPViTSwinForImageClassification(SPViTCompactMixin, SwinForImageClassification):
+    config_class = SPViTSwinConfig
+
+
 SPVIT_CLASSES = {
     ViTForImageClassification: SPViTViTForImageClassification,
     DeiTForImageClassification: SPViTDeiTForImageClassification,
     DeiTForImageClassificationWithTeacher: SPViTDeiTForImageClassificationWithTeacher,
+    SwinForImageClassification: SPViTSwinForImageClassification,
 }
 """Stock classifier class -> its pruned SPViT class."""
 
@@ -173,6 +188,11 @@ class FloraSPViTDeiTDistilledConfig(SPViTDeiTDistilledConfig):
     flora_ranks: dict | None = None
 
 
+class FloraSPViTSwinConfig(SPViTSwinConfig):
+    model_type = "flora_spvit_swin"
+    flora_ranks: dict | None = None
+
+
 class FloraSPViTViTForImageClassification(FloraCompactMixin, SPViTViTForImageClassification):
     config_class = FloraSPViTViTConfig
 
@@ -185,9 +205,14 @@ class FloraSPViTDeiTForImageClassificationWithTeacher(FloraCompactMixin, SPViTDe
     config_class = FloraSPViTDeiTDistilledConfig
 
 
+class FloraSPViTSwinForImageClassification(FloraCompactMixin, SPViTSwinForImageClassification):
+    config_class = FloraSPViTSwinConfig
+
+
 FLORA_SPVIT_CLASSES = {
     SPViTViTForImageClassification: FloraSPViTViTForImageClassification,
     SPViTDeiTForImageClassification: FloraSPViTDeiTForImageClassification,
     SPViTDeiTForImageClassificationWithTeacher: FloraSPViTDeiTForImageClassificationWithTeacher,
+    SPViTSwinForImageClassification: FloraSPViTSwinForImageClassification,
 }
 """Pruned SPViT class -> its FLORA low-rank class."""

@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
         "macs_target": 0.5,  # SPViT's MACs target, a fraction of the dense model's
         "macs_loss_weight": 20.0,
         "gate_learning_rate": 1e-3,
-        "alpha": 0.01,
+        "alpha": None,  # head-mixing temperature; None: the official one of the model family (DeiT 0.01, Swin 100)
         "gate_init": 1.5,
         "search": {},  # SPViTTrainingArguments of the gate search
         "finetune": {},  # FloraTrainingArguments of the pruned model's fine-tuning with distillation

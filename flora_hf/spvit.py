@@ -7,6 +7,9 @@ weights of their own beyond a head-mixing matrix and a BatchNorm: kernel positio
 convex combination over heads of the MSA's per-head value projections (conv input side) and output projections
 (conv output side), so the whole space is one path through the pretrained parameters.
 
+Swin runs the convolutions inside each attention window (zero-padded at the window's border; on the shifted
+windows of SW-MSA layers, without the shift mask), as SPViT's search does; the exported model keeps that form.
+
 Gates are straight-through relaxed Bernoulli samples of learnable logits in training (one sample per forward,
 shared by the batch; drawn from a seeded generator so every process draws the same), `logit > 0` in eval.
 Logits start at 1.5, so in eval the supernet is the dense model.
@@ -22,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, SwinForImageClassification
 
 from .checkpoints import checkpoint_errors, expect_model_type
 from .errors import SearchSpaceError, UnsupportedModelError
@@ -31,6 +34,11 @@ from .modeling_spvit import SPVIT_CLASSES, SPVIT_OPS, grid_to_tokens, num_prefix
 SPVIT_SUPERNET_MODEL_TYPE = "spvit_supernet"
 KERNEL_POSITIONS = 9  # a 3x3 kernel, positions in row-major order; the centre is position 4
 CENTER = 4
+
+
+def default_alpha(model: nn.Module) -> float:
+    """SPViT's head-mixing temperature: 0.01 for ViT / DeiT, 100 for Swin (official settings)."""
+    return 100.0 if isinstance(model, SwinForImageClassification) else 0.01
 
 
 def straight_through_bernoulli(logits: torch.Tensor, noise: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -191,7 +199,8 @@ class SPViTSupernetConfig(PreTrainedConfig):
         base_config (`dict`): `to_dict()` of the dense classifier's config.
         base_architecture (`str`): class name of the dense classifier.
         dense_macs (`int`): MACs per image of the dense classifier.
-        alpha (`float`): temperature of the softmax over heads that mixes them into kernel positions (official: 0.01).
+        alpha (`float`): temperature of the softmax over heads that mixes them into kernel positions (official:
+            0.01 for ViT / DeiT, 100 for Swin).
         gate_init (`float`): initial gate logit (official: 1.5, i.e. kept with probability 0.82).
         gate_temperature (`float`): temperature of the relaxed Bernoulli samples (official: 1).
     """
@@ -206,7 +215,7 @@ class SPViTSupernetConfig(PreTrainedConfig):
 
 
 class SPViTSupernetForImageClassification(PreTrainedModel):
-    """A dense ViT / DeiT classifier whose MSA layers and MLPs are gated SPViT search modules."""
+    """A dense ViT / DeiT / Swin classifier whose MSA layers and MLPs are gated SPViT search modules."""
 
     config_class = SPViTSupernetConfig
     base_model_prefix = "model"
@@ -228,6 +237,7 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
                                                            config.gate_init, config.gate_temperature)
             self.layer_paths.append(path)
         self.gate_seed: int | None = None
+        self._layer_costs: list[LayerCost] | None = None
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -235,9 +245,12 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
 
     # construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, model: PreTrainedModel, alpha: float = 0.01, gate_init: float = 1.5,
+    def from_dense(cls, model: PreTrainedModel, alpha: float | None = None, gate_init: float = 1.5,
                    gate_temperature: float = 1.0) -> SPViTSupernetForImageClassification:
-        """Wraps a copy of `model` (left untouched); in eval, with every gate on, it computes `model`'s logits."""
+        """Wraps a copy of `model` (left untouched); in eval, with every gate on, it computes `model`'s logits.
+
+        `alpha` defaults to the official value of the model's family (`default_alpha`).
+        """
         from .macs import count_macs
 
         check_spvit_supported(model)
@@ -245,7 +258,7 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
             raise SearchSpaceError(f"gate_init must be positive (every gate starts on), got {gate_init}")
         config = SPViTSupernetConfig(
             base_config=model.config.to_dict(), base_architecture=type(model).__name__, dense_macs=count_macs(model),
-            alpha=alpha, gate_init=gate_init, gate_temperature=gate_temperature,
+            alpha=default_alpha(model) if alpha is None else alpha, gate_init=gate_init, gate_temperature=gate_temperature,
         )
         supernet = cls(config, model=copy.deepcopy(model))
         reference = model.state_dict()
@@ -302,17 +315,44 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
 
     # cost ---------------------------------------------------------------------------------------------------
     def layer_costs(self) -> list[LayerCost]:
-        embeddings = self.model.base_model.embeddings
-        tokens = embeddings.position_embeddings.shape[1]
-        patches = embeddings.patch_embeddings.num_patches
+        """Per layer, the MACs of each candidate op, from the shapes one batch-1 forward records (made once)."""
+        if self._layer_costs is None:
+            self._layer_costs = self._measure_layer_costs()
+        return self._layer_costs
+
+    @torch.no_grad()
+    def _measure_layer_costs(self) -> list[LayerCost]:
+        shapes: dict[str, torch.Size] = {}
+        hooks = []
+
+        def record(key: str):
+            def hook(module, args, kwargs) -> None:
+                shapes[key] = (args[0] if args else kwargs["hidden_states"]).shape
+            return hook
+
+        for path in self.layer_paths:
+            layer = self.model.get_submodule(path)
+            for name in ("attention", "mlp"):
+                hooks.append(getattr(layer, name).register_forward_pre_hook(record(f"{path}.{name}"), with_kwargs=True))
+        config, training = self.model.config, self.training
+        size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+        try:
+            self.eval()
+            self.model(pixel_values=torch.zeros(1, config.num_channels, *size, device=self.device, dtype=self.dtype))
+        finally:
+            self.train(training)
+            for hook in hooks:
+                hook.remove()
         costs = []
         for path, module in self.search_attentions():
-            hidden, inner, head_dim = module.msa.q_proj.in_features, module.msa.q_proj.out_features, module.head_dim
+            windows, length, hidden = shapes[f"{path}.attention"]  # ViT / DeiT: one "window" of every token
+            tokens, inner, head_dim = windows * length, module.msa.q_proj.out_features, module.head_dim
+            positions = windows * (length - module.num_prefix_tokens)
             costs.append(LayerCost(
-                msa=4 * tokens * hidden * inner + 2 * tokens * tokens * inner,
-                conv3x3=patches * (KERNEL_POSITIONS * hidden * head_dim + head_dim * hidden),
-                conv1x1=patches * 2 * hidden * head_dim,
-                mlp_unit=2 * tokens * hidden,
+                msa=4 * tokens * hidden * inner + 2 * tokens * length * inner,
+                conv3x3=positions * (KERNEL_POSITIONS * hidden * head_dim + head_dim * hidden),
+                conv1x1=positions * 2 * hidden * head_dim,
+                mlp_unit=2 * shapes[f"{path}.mlp"][:-1].numel() * hidden,
             ))
         return costs
 
@@ -403,8 +443,9 @@ def check_spvit_supported(model: nn.Module) -> None:
 
 
 def _transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    prefix = model.base_model_prefix
-    return [(f"{prefix}.layers.{index}", layer) for index, layer in enumerate(model.base_model.layers)]
+    """(path, layer) of every transformer layer (a module with an `attention` and an `mlp`), in forward order."""
+    return [(path, module) for path, module in model.named_modules()
+            if hasattr(module, "attention") and hasattr(module, "mlp")]
 
 
 def _build_base_model(config: SPViTSupernetConfig) -> PreTrainedModel:

@@ -15,12 +15,17 @@ from flora_hf.errors import CheckpointError, SearchSpaceError, UnsupportedModelE
 from flora_hf.modeling_spvit import SPVIT_CLASSES, BottleneckConvAttention, SkipAttention
 from flora_hf.spvit import SPViTSearchAttention
 
-SPVIT_KINDS = ["vit", "deit", "deit-distilled"]
+SPVIT_KINDS = ["vit", "deit", "deit-distilled", "swin"]
+
+
+def four_layer_model(kind: str):
+    """A tiny classifier with four transformer layers (Swin: two stages of two, the second one shifted)."""
+    return make_model(kind, **({"depths": [2, 2]} if kind == "swin" else {"num_hidden_layers": 4}))
 
 
 def randomized_supernet(kind: str, seed: int = 0) -> SPViTSupernetForImageClassification:
     """A supernet whose gates choose a mix of ops and MLP widths, with non-trivial head mixing and BN statistics."""
-    supernet = SPViTSupernetForImageClassification.from_dense(make_model(kind, num_hidden_layers=4))
+    supernet = SPViTSupernetForImageClassification.from_dense(four_layer_model(kind))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for index, (_, attention) in enumerate(supernet.search_attentions()):
@@ -114,19 +119,20 @@ def test_export_matches_supernet_and_counts(kind):
     assert type(compact) is SPVIT_CLASSES[type(supernet.model)]
     architecture = supernet.architecture()
     assert list(architecture["ops"].values()) == ["skip", "conv1x1", "conv3x3", "msa"]
-    layers = compact.base_model.layers
+    layers = [compact.get_submodule(path) for path in supernet.layer_paths]
     assert isinstance(layers[0].attention, SkipAttention)
     assert [layers[i].attention.conv_in.kernel_size for i in (1, 2)] == [(1, 1), (3, 3)]
     assert all(not hasattr(layers[i].attention, "q_proj") for i in (1, 2))
     sizes = [layer.mlp.fc1.out_features for layer in layers]
-    assert sizes == [len(units) for units in architecture["mlp_units"].values()] and sizes != [64] * 4
+    dense_sizes = [four_layer_model(kind).get_submodule(path).mlp.fc1.out_features for path in supernet.layer_paths]
+    assert sizes == [len(units) for units in architecture["mlp_units"].values()] and sizes != dense_sizes
     x = pixel_values(supernet.model)
     with torch.no_grad():
         torch.testing.assert_close(compact(pixel_values=x).logits, supernet(pixel_values=x).logits, atol=1e-5, rtol=0)
     compact.set_attn_implementation("eager")  # the flop counter does not see the CPU SDPA kernel
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         compact(pixel_values=x[:1])
-    assert count_macs(compact) == count_macs(supernet) == counter.get_total_flops() // 2 < count_macs(make_model(kind, num_hidden_layers=4))
+    assert count_macs(compact) == count_macs(supernet) == counter.get_total_flops() // 2 < count_macs(four_layer_model(kind))
     assert count_params(supernet) == sum(p.numel() for p in compact.parameters())
 
 
@@ -166,7 +172,7 @@ def test_exported_model_loads_three_ways(tmp_path):
 
 def test_searched_architecture_exports_from_fresh_dense_weights():
     searched = randomized_supernet("vit")
-    fresh = SPViTSupernetForImageClassification.from_dense(make_model("vit", num_hidden_layers=4))
+    fresh = SPViTSupernetForImageClassification.from_dense(four_layer_model("vit"))
     compact = fresh.export_pruned(searched.architecture())
     assert compact.config.spvit_ops == searched.architecture()["ops"]
     conv = compact.base_model.layers[2].attention
@@ -187,9 +193,26 @@ def test_supernet_save_and_load(tmp_path):
         SPViTSupernetForImageClassification.from_pretrained(tmp_path / "dense")
 
 
+def test_swin_convolutions_stay_inside_their_window():
+    """As in SPViT's search: a Swin conv op sees one attention window, zero-padded at its border."""
+    supernet = randomized_supernet("swin")
+    assert supernet.config.alpha == 100  # the official Swin head-mixing temperature
+    path, attention = list(supernet.search_attentions())[2]  # conv3x3, in the second stage (8x8 map, 4x4 windows)
+    windows = torch.randn(4, 16, attention.msa.v_proj.in_features)
+    changed = windows.clone()
+    changed[0] += 1.0
+    with torch.no_grad():
+        before, after = attention(windows)[0], attention(changed)[0]
+    assert not torch.allclose(before[0], after[0])
+    torch.testing.assert_close(before[1:], after[1:])
+
+
 def test_bad_input_is_named():
-    with pytest.raises(UnsupportedModelError, match="SwinForImageClassification is not supported by SPViT"):
-        SPViTSupernetForImageClassification.from_dense(make_model("swin"))
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    convnext = ConvNextForImageClassification(ConvNextConfig(num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], num_labels=2))
+    with pytest.raises(UnsupportedModelError, match="ConvNextForImageClassification is not supported by SPViT"):
+        SPViTSupernetForImageClassification.from_dense(convnext)
     supernet = SPViTSupernetForImageClassification.from_dense(make_model("vit"))
     architecture = supernet.architecture()
     with pytest.raises(SearchSpaceError, match="unknown op 'conv5x5'"):
@@ -202,12 +225,14 @@ def test_bad_input_is_named():
         count_macs(supernet, {"vit.layers.0.mlp.fc1": 0.5})
 
 
-def test_flora_decomposes_a_pruned_model(tmp_path):
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_flora_decomposes_a_pruned_model(tmp_path, kind):
     from flora_hf import FloraSearchSpace, FloraSupernetForImageClassification
 
-    pruned = randomized_supernet("vit").export_pruned()
+    searched = randomized_supernet(kind)
+    pruned = searched.export_pruned()
     space = FloraSearchSpace.from_model(pruned)
-    assert [block[0].name for block in space.blocks] == ["vit.layers.3.attention.qkv"]  # the one MSA block left
+    assert [block[0].name for block in space.blocks] == [f"{searched.layer_paths[3]}.attention.qkv"]  # the MSA left
     supernet = FloraSupernetForImageClassification.from_dense(pruned, space=space)
     x = pixel_values(pruned)
     with torch.no_grad():
