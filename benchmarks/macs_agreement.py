@@ -1,12 +1,16 @@
 """Analytic MACs (`count_macs`) against torch's FLOP counter ÷ 2, on tiny and real-size configs (random weights).
 
-    python -m benchmarks.macs_agreement [--quick]
+Rows: the dense model, two FLORA subnets and, for the real-size models, an SPViT-pruned model with the attention
+ops of the released SPViT architecture of that family (`RELEASED_OPS`; every MLP at half width, standing in for the
+released per-checkpoint MLP widths) and FLORA at ratio 1/2 on that pruned model.
+
+    python -m benchmarks.macs_agreement [--quick | --smoke] [--output-dir DIR]
 """
 
 from __future__ import annotations
 
-import argparse
 import random
+from pathlib import Path
 
 import matplotlib
 
@@ -23,9 +27,10 @@ from transformers import (  # noqa: E402
     ViTForImageClassification,
 )
 
-from flora_hf import FloraSupernetForImageClassification, count_macs  # noqa: E402
+from flora_hf import FloraSupernetForImageClassification, SPViTSupernetForImageClassification, count_macs  # noqa: E402
+from flora_hf.modeling_spvit import SPVIT_OPS  # noqa: E402
 
-from .common import RESULTS, save_results  # noqa: E402
+from .common import markdown_table, parse_arguments, save_results  # noqa: E402
 
 CONFIGS = {
     "tiny-vit": (ViTForImageClassification, ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -40,7 +45,16 @@ CONFIGS = {
     "Swin-B": (SwinForImageClassification, SwinConfig(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
                                                       num_labels=1000)),
 }
-QUICK = ("tiny-vit", "tiny-swin", "DeiT-S")
+DEIT_B_T60 = {0: "conv1x1", 1: "conv1x1", 2: "conv1x1", 3: "conv3x3", 4: "conv3x3"}
+RELEASED_OPS = {  # layer index (counted across Swin stages) -> op; every other layer keeps its MSA
+    "DeiT-S": {0: "conv1x1"},
+    "ViT-B/16": DEIT_B_T60,
+    "DeiT-B": DEIT_B_T60,
+    "Swin-T": {0: "conv1x1", 1: "skip", 2: "conv1x1", 3: "skip"},
+    "Swin-B": {1: "skip", 11: "skip", 18: "skip", 21: "skip", 19: "conv1x1"},
+}
+NAME = "macs_agreement"
+MODES = {"full": tuple(CONFIGS), "quick": ("tiny-vit", "tiny-swin", "DeiT-S"), "smoke": ("tiny-vit", "tiny-swin")}
 
 
 def counted(model: torch.nn.Module) -> int:
@@ -63,21 +77,44 @@ def measure(name: str) -> list[dict]:
         compact.set_attn_implementation("eager")
         rows.append({"model": name, "subnet": label, "analytic": count_macs(supernet, subnet),
                      "flop_counter": counted(compact)})
+    if name in RELEASED_OPS:
+        spvit = released_layout(SPViTSupernetForImageClassification.from_dense(dense), RELEASED_OPS[name])
+        pruned = spvit.export_pruned()
+        pruned.set_attn_implementation("eager")
+        rows.append({"model": name, "subnet": "SPViT", "analytic": count_macs(spvit), "flop_counter": counted(pruned)})
+        flora = FloraSupernetForImageClassification.from_dense(pruned)
+        subnet = flora.space.uniform_subnet(0.5)
+        compact = flora.export_subnet(subnet)
+        compact.set_attn_implementation("eager")
+        rows.append({"model": name, "subnet": "SPViT+FLORA 0.5", "analytic": count_macs(flora, subnet),
+                     "flop_counter": counted(compact)})
     for row in rows:
         row["relative_error"] = row["analytic"] / row["flop_counter"] - 1
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configs and DeiT-S only")
-    names = QUICK if parser.parse_args().quick else tuple(CONFIGS)
-    rows = [row for name in names for row in measure(name)]
-    print(f"{'model':<10} {'subnet':<12} {'analytic GMACs':>15} {'counter GMACs':>14} {'error':>8}")
-    for row in rows:
-        print(f"{row['model']:<10} {row['subnet']:<12} {row['analytic'] / 1e9:>15.4f} "
-              f"{row['flop_counter'] / 1e9:>14.4f} {row['relative_error']:>8.2%}")
-    path = save_results("macs_agreement", rows)
+@torch.no_grad()
+def released_layout(spvit: SPViTSupernetForImageClassification, ops: dict[int, str]) -> SPViTSupernetForImageClassification:
+    """Gates set to `ops` (MSA elsewhere), every MLP keeping its first half of hidden units."""
+    for index, (_, attention) in enumerate(spvit.search_attentions()):
+        level = SPVIT_OPS.index(ops.get(index, "msa"))  # skip 0, conv1x1 1, conv3x3 2, msa 3: gates on below it
+        attention.gate_logits.copy_(torch.tensor([1.0 if gate < level else -1.0 for gate in range(3)]))
+    for _, activation in spvit.gated_activations():
+        half = activation.gate_logits.numel() // 2
+        activation.gate_logits[:half], activation.gate_logits[half:] = 1.0, -1.0
+    return spvit.eval()
+
+
+def run(mode: str, output_dir: Path) -> dict:
+    rows = [row for name in MODES[mode] for row in measure(name)]
+    path = save_results(NAME, rows, output_dir)
+    plot(rows, output_dir / f"{NAME}.png")
+    print(markdown(rows))
+    print(f"wrote {path} and {output_dir / f'{NAME}.png'}")
+    return {"rows": rows}
+
+
+def plot(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(figsize=(7, 4))
     labels = [f"{r['model']}\n{r['subnet']}" for r in rows]
     axes.bar(range(len(rows)), [100 * r["relative_error"] for r in rows])
@@ -86,8 +123,25 @@ def main() -> None:
     axes.set(xticks=range(len(rows)), ylabel="analytic vs flop counter (%)", title="MACs agreement (±1% target)")
     axes.set_xticklabels(labels, fontsize=6, rotation=90)
     figure.tight_layout()
-    figure.savefig(RESULTS / "macs_agreement.png", dpi=120)
-    print(f"wrote {path} and {RESULTS / 'macs_agreement.png'}")
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def markdown(rows: list[dict]) -> str:
+    """One line per model: analytic GMACs of each measured model, and the largest error against the counter."""
+    subnets = list(dict.fromkeys(row["subnet"] for row in rows))
+    table = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        measured = {row["subnet"]: row for row in rows if row["model"] == model}
+        table.append([model, *(f"{measured[s]['analytic'] / 1e9:.4f}" if s in measured else "–" for s in subnets),
+                      f"{max(abs(row['relative_error']) for row in measured.values()):.2%}"])
+    return markdown_table(["model", *(f"{s} GMACs" for s in subnets), "max error"], table)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_arguments(__doc__.splitlines()[0], {"quick": "tiny configs and DeiT-S", "smoke": "tiny configs"}, argv,
+                           timed=False)
+    return run(args.mode, args.output_dir)
 
 
 if __name__ == "__main__":
