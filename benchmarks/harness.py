@@ -36,6 +36,12 @@ def pixel_batch(model: PreTrainedModel, batch: int, seed: int = 0) -> torch.Tens
     return torch.randn(batch, model.config.num_channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def synthetic_dataset(model: PreTrainedModel, size: int, seed: int = 0) -> list[dict]:
+    """`size` random images with labels cycling through the model's classes, as Trainer items."""
+    labels = torch.arange(size) % model.config.num_labels
+    return [{"pixel_values": p, "labels": int(y)} for p, y in zip(pixel_batch(model, size, seed), labels)]
+
+
 def subnet_at_fraction(supernet: FloraSupernetForImageClassification, fraction: float) -> dict[str, float]:
     """The subnet nearest `fraction` of the dense MACs among 'the first k blocks at one ratio, the rest at the next'.
 

@@ -12,11 +12,11 @@ import json
 import re
 from pathlib import Path
 
-from . import latency, macs_agreement, train_step
+from . import latency, macs_agreement, quality, scaling, train_step
 from .common import RESULTS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BENCHMARKS = (macs_agreement, latency, train_step)
+BENCHMARKS = (macs_agreement, latency, train_step, scaling, quality)
 
 
 def provenance(environment: dict) -> str:

@@ -26,12 +26,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import PreTrainedModel, Trainer, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
 from flora_hf import FloraSupernetForImageClassification, FloraTrainer, FloraTrainingArguments  # noqa: E402
 
 from .common import markdown_table, parse_arguments, save_results  # noqa: E402
-from .harness import build, interleaved, load_average, pixel_batch, set_threads  # noqa: E402
+from .harness import build, interleaved, load_average, set_threads, synthetic_dataset  # noqa: E402
 
 NAME = "train_step"
 MODES = {  # sizes, batch, timed steps per row
@@ -39,12 +39,6 @@ MODES = {  # sizes, batch, timed steps per row
     "quick": (("tiny", "DeiT-Ti"), 32, 8),
     "smoke": (("tiny",), 8, 2),
 }
-
-
-def train_dataset(model: PreTrainedModel, size: int) -> list[dict]:
-    pixels = pixel_batch(model, size)
-    labels = torch.arange(size) % model.config.num_labels
-    return [{"pixel_values": p, "labels": int(y)} for p, y in zip(pixels, labels)]
 
 
 def stepper(trainer: Trainer, batch: dict, advance: bool) -> Callable[[], None]:
@@ -67,7 +61,7 @@ def stepper(trainer: Trainer, batch: dict, advance: bool) -> Callable[[], None]:
 def trainers(size: str, batch: int, workdir: Path, device: str) -> dict[str, tuple[Trainer, dict, bool]]:
     """Row label -> (trainer, its batch, whether its subnet changes per step)."""
     dense = build(size).train()
-    data = train_dataset(dense, batch)
+    data = synthetic_dataset(dense, batch)
     common = dict(output_dir=str(workdir), per_device_train_batch_size=batch, learning_rate=1e-4, report_to=[],
                   use_cpu=device == "cpu", disable_tqdm=True)
     dense_trainer = Trainer(model=dense, args=TrainingArguments(**common), data_collator=default_data_collator)
