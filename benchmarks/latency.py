@@ -92,12 +92,17 @@ def compiled(model: nn.Module, pixel_values: torch.Tensor) -> tuple[Callable[[],
         return None, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
 
 
-def disable_malloc_mmap() -> None:
-    """Keeps large freed blocks in glibc's heap for reuse instead of unmapping them (see the module docstring)."""
-    libc = ctypes.CDLL("libc.so.6")
+def disable_malloc_mmap() -> bool:
+    """Keeps large freed blocks in glibc's heap for reuse instead of unmapping them (see the module docstring).
+
+    False where there is no glibc to tell (macOS, musl): the "no-mmap" settings are then skipped.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
     m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise OSError("mallopt refused the no-mmap setting")
+    return bool(libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def op_breakdown(model: nn.Module, pixel_values: torch.Tensor) -> dict[str, float]:
@@ -153,10 +158,12 @@ def run(mode: str, threads: int | None, output_dir: Path) -> dict:
     if profiled:
         pixel_values = pixel_batch(models["dense"], 32)
         settings["op_ms_batch32"] = {k: op_breakdown(models[k], pixel_values) for k in ("dense", "~50%")}
-    rows = []
+    rows, heap_kept = [], None
     for batch, compile_, allocator in cpu_settings:
-        if allocator == "no-mmap" and all(row["allocator"] == "default" for row in rows):
-            disable_malloc_mmap()
+        if allocator == "no-mmap":
+            heap_kept = disable_malloc_mmap() if heap_kept is None else heap_kept
+            if not heap_kept:
+                continue
         rows += measure(models, "cpu", torch.float32, batch, compile_, repeats, allocator)
     if torch.cuda.is_available():
         for batch in (1, 32):
