@@ -136,11 +136,13 @@ def test_export_matches_supernet_and_counts(kind):
     assert count_params(supernet) == sum(p.numel() for p in compact.parameters())
 
 
-def test_exported_model_loads_three_ways(tmp_path):
+@pytest.mark.parametrize("kind", ["vit", "swin"])
+def test_exported_model_loads_three_ways(tmp_path, kind):
     from transformers import ViTImageProcessor
 
-    supernet = randomized_supernet("vit")
-    compact = supernet.export_pruned(image_processor=ViTImageProcessor(size={"height": 16, "width": 16}))
+    supernet = randomized_supernet(kind)
+    size = supernet.model.config.image_size
+    compact = supernet.export_pruned(image_processor=ViTImageProcessor(size={"height": size, "width": size}))
     compact.save_pretrained(tmp_path / "model")
     files = {p.name for p in (tmp_path / "model").iterdir()}
     assert {"modeling_spvit.py", "modeling_flora.py", "config.json", "preprocessor_config.json"} <= files
