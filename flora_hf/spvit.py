@@ -25,11 +25,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, SwinForImageClassification
+from transformers import PreTrainedConfig, PreTrainedModel, SwinForImageClassification
 
-from .checkpoints import checkpoint_errors, expect_model_type
 from .errors import SearchSpaceError, UnsupportedModelError
 from .modeling_spvit import SPVIT_CLASSES, SPVIT_OPS, grid_to_tokens, num_prefix_tokens, tokens_to_grid
+from .wrapped_classifier import WrappedClassifierModel
 
 SPVIT_SUPERNET_MODEL_TYPE = "spvit_supernet"
 KERNEL_POSITIONS = 9  # a 3x3 kernel, positions in row-major order; the centre is position 4
@@ -214,18 +214,18 @@ class SPViTSupernetConfig(PreTrainedConfig):
     gate_temperature: float = 1.0
 
 
-class SPViTSupernetForImageClassification(PreTrainedModel):
+class SPViTSupernetForImageClassification(WrappedClassifierModel):
     """A dense ViT / DeiT / Swin classifier whose MSA layers and MLPs are gated SPViT search modules."""
 
     config_class = SPViTSupernetConfig
-    base_model_prefix = "model"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    supported_classes = tuple(SPVIT_CLASSES)
+    description = "SPViT supernet"
+    unsupported = "is not supported by SPViT: flora-hf prunes"
 
     def __init__(self, config: SPViTSupernetConfig, model: PreTrainedModel | None = None) -> None:
         super().__init__(config)
         if model is None:
-            model = _build_base_model(config)
+            model = self.rebuild_classifier(config)
         check_spvit_supported(model)
         self.model = model
         prefix = num_prefix_tokens(model)
@@ -239,9 +239,6 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
         self.gate_seed: int | None = None
         self._layer_costs: list[LayerCost] | None = None
         self.post_init()
-
-    def _init_weights(self, module: nn.Module) -> None:
-        self.model._init_weights(module)
 
     # construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -268,18 +265,6 @@ class SPViTSupernetForImageClassification(PreTrainedModel):
                 if dense_key in reference:
                     value.copy_(reference[dense_key])
         return supernet.train(model.training)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> SPViTSupernetForImageClassification:
-        """Loads a saved supernet; a missing, corrupt or foreign checkpoint raises `CheckpointError`."""
-        expect_model_type(pretrained_model_name_or_path, [SPVIT_SUPERNET_MODEL_TYPE], "SPViT supernet")
-        with checkpoint_errors(pretrained_model_name_or_path):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Saves with keys equal to module paths (no legacy renaming), so `Trainer` resume can load them as is."""
-        kwargs.setdefault("save_original_format", False)
-        super().save_pretrained(save_directory, *args, **kwargs)
 
     # gates --------------------------------------------------------------------------------------------------
     def search_attentions(self) -> Iterator[tuple[str, SPViTSearchAttention]]:
@@ -447,13 +432,3 @@ def _transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(path, module) for path, module in model.named_modules()
             if hasattr(module, "attention") and hasattr(module, "mlp")]
 
-
-def _build_base_model(config: SPViTSupernetConfig) -> PreTrainedModel:
-    """The dense classifier a saved supernet wraps, rebuilt from its config (weights come from the checkpoint)."""
-    supported = {cls.__name__: cls for cls in SPVIT_CLASSES}
-    if config.base_architecture not in supported or not config.base_config:
-        raise UnsupportedModelError(
-            f"{config.base_architecture} is not supported by SPViT: flora-hf prunes {', '.join(supported)}"
-        )
-    base_config = dict(config.base_config)
-    return supported[config.base_architecture](AutoConfig.for_model(base_config.pop("model_type"), **base_config))

@@ -12,13 +12,14 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from .architectures import FLORA_CLASSES, GroupShape, check_supported
-from .checkpoints import SUPERNET_MODEL_TYPE, checkpoint_errors, expect_model_type
-from .errors import SearchSpaceError, UnsupportedModelError
+from .checkpoints import SUPERNET_MODEL_TYPE
+from .errors import SearchSpaceError
 from .modeling_flora import QKV_NAMES, fuse_qkv, qkv_group_to_attention
 from .search_space import FloraSearchSpace, Subnet
+from .wrapped_classifier import WrappedClassifierModel
 
 FOLD_CHOICES = ("down", "official")
 
@@ -82,18 +83,18 @@ class FloraSupernetConfig(PreTrainedConfig):
     fold_singular_values: str = "down"
 
 
-class FloraSupernetForImageClassification(PreTrainedModel):
+class FloraSupernetForImageClassification(WrappedClassifierModel):
     """A dense classifier whose q/k/v and MLP layers are weight-sharing low-rank layers; see `set_subnet`."""
 
     config_class = FloraSupernetConfig
-    base_model_prefix = "model"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    supported_classes = tuple(FLORA_CLASSES)
+    description = "flora-hf supernet"
+    unsupported = "is not supported: flora-hf decomposes"
 
     def __init__(self, config: FloraSupernetConfig, model: PreTrainedModel | None = None) -> None:
         super().__init__(config)
         if model is None:
-            model = _build_base_model(config)
+            model = self.rebuild_classifier(config)
         check_supported(model)
         self.model = model
         self.space = FloraSearchSpace.from_dict(config.search_space)
@@ -114,9 +115,6 @@ class FloraSupernetForImageClassification(PreTrainedModel):
             parent, _, name = group.name.rpartition(".")
             dense = self.model.get_submodule(group.name)
             setattr(self.model.get_submodule(parent), name, FloraSuperLinear(group.in_features, group.out_features, dense.bias is not None))
-
-    def _init_weights(self, module: nn.Module) -> None:
-        self.model._init_weights(module)
 
     # construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -151,18 +149,6 @@ class FloraSupernetForImageClassification(PreTrainedModel):
             fold = "up" if fold_singular_values == "official" and name.endswith(".fc2") else "down"
             supernet.super_layer(name).inherit(weight, bias, fold)
         return supernet.train(model.training)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> FloraSupernetForImageClassification:
-        """Loads a saved supernet; a missing, corrupt or non-supernet checkpoint raises `CheckpointError`."""
-        expect_model_type(pretrained_model_name_or_path, [SUPERNET_MODEL_TYPE], "flora-hf supernet")
-        with checkpoint_errors(pretrained_model_name_or_path):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """Saves with keys equal to module paths (no legacy renaming), so `Trainer` resume can load them as is."""
-        kwargs.setdefault("save_original_format", False)
-        super().save_pretrained(save_directory, *args, **kwargs)
 
     # subnets ------------------------------------------------------------------------------------------------
     def super_layer(self, group: str) -> FloraSuperLinear:
@@ -219,18 +205,4 @@ class FloraSupernetForImageClassification(PreTrainedModel):
         compact.load_state_dict(state, strict=True)
         compact.image_processor = image_processor
         return compact.to(self.device, self.dtype).eval()
-
-
-def _build_base_model(config: FloraSupernetConfig) -> PreTrainedModel:
-    """The dense classifier a saved supernet wraps, rebuilt from its config (weights come from the checkpoint)."""
-    if not config.base_config or not config.base_architecture:
-        raise UnsupportedModelError("supernet config lacks base_config / base_architecture")
-    supported = {cls.__name__: cls for cls in FLORA_CLASSES}
-    if config.base_architecture not in supported:
-        raise UnsupportedModelError(
-            f"{config.base_architecture} is not supported: flora-hf decomposes {', '.join(supported)}"
-        )
-    base_config = dict(config.base_config)
-    base_config = AutoConfig.for_model(base_config.pop("model_type"), **base_config)
-    return supported[config.base_architecture](base_config)
 
