@@ -58,6 +58,8 @@ MODES = {"full": tuple(CONFIGS), "quick": ("tiny-vit", "tiny-swin", "DeiT-S"), "
 
 
 def counted(model: torch.nn.Module) -> int:
+    """torch's FLOP counter ÷ 2 for one image, with eager attention (the counter does not see the CPU SDPA kernel)."""
+    model.set_attn_implementation("eager")
     size = model.config.image_size
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(pixel_values=torch.zeros(1, 3, size, size))
@@ -68,28 +70,24 @@ def measure(name: str) -> list[dict]:
     model_class, config = CONFIGS[name]
     torch.manual_seed(0)
     dense = model_class(config).eval()
-    dense.set_attn_implementation("eager")
-    rows = [{"model": name, "subnet": "dense", "analytic": count_macs(dense), "flop_counter": counted(dense)}]
+
+    def row(label: str, analytic: int, model: torch.nn.Module) -> dict:
+        flop_counter = counted(model)
+        return {"model": name, "subnet": label, "analytic": analytic, "flop_counter": flop_counter,
+                "relative_error": analytic / flop_counter - 1}
+
+    rows = [row("dense", count_macs(dense), dense)]
     supernet = FloraSupernetForImageClassification.from_dense(dense)
     for label, subnet in (("uniform 0.5", supernet.space.uniform_subnet(0.5)),
                           ("random", supernet.space.sample(random.Random(0)))):
-        compact = supernet.export_subnet(subnet)
-        compact.set_attn_implementation("eager")
-        rows.append({"model": name, "subnet": label, "analytic": count_macs(supernet, subnet),
-                     "flop_counter": counted(compact)})
+        rows.append(row(label, count_macs(supernet, subnet), supernet.export_subnet(subnet)))
     if name in RELEASED_OPS:
         spvit = released_layout(SPViTSupernetForImageClassification.from_dense(dense), RELEASED_OPS[name])
         pruned = spvit.export_pruned()
-        pruned.set_attn_implementation("eager")
-        rows.append({"model": name, "subnet": "SPViT", "analytic": count_macs(spvit), "flop_counter": counted(pruned)})
         flora = FloraSupernetForImageClassification.from_dense(pruned)
-        subnet = flora.space.uniform_subnet(0.5)
-        compact = flora.export_subnet(subnet)
-        compact.set_attn_implementation("eager")
-        rows.append({"model": name, "subnet": "SPViT+FLORA 0.5", "analytic": count_macs(flora, subnet),
-                     "flop_counter": counted(compact)})
-    for row in rows:
-        row["relative_error"] = row["analytic"] / row["flop_counter"] - 1
+        half = flora.space.uniform_subnet(0.5)
+        rows += [row("SPViT", count_macs(spvit), pruned),
+                 row("SPViT+FLORA 0.5", count_macs(flora, half), flora.export_subnet(half))]
     return rows
 
 

@@ -208,8 +208,9 @@ def plot(rows: list[dict], path: Path) -> None:
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     figure, axes = plt.subplots(2, len(datasets), figsize=(5 * len(datasets), 7), squeeze=False)
     styles = {"uniform": "k.-", "FLORA": "ro", "no filtering": "bs", "no low-rank-aware": "g^"}
+    summarized = summary(rows)
     for column, dataset in enumerate(datasets):
-        lines = [line for line in summary(rows) if line["dataset"] == dataset]
+        lines = [line for line in summarized if line["dataset"] == dataset]
         for row_index, metric in enumerate(("accuracy", "inherited_accuracy")):
             ax = axes[row_index][column]
             for method, style in styles.items():

@@ -66,12 +66,12 @@ def trainers(size: str, batch: int, workdir: Path, device: str) -> dict[str, tup
                   use_cpu=device == "cpu", disable_tqdm=True)
     dense_trainer = Trainer(model=dense, args=TrainingArguments(**common), data_collator=default_data_collator)
     rows = {"dense": (dense_trainer, default_data_collator(data), False)}
-    for label, low_rank_aware in (("supernet, sampled subnet", True), ("supernet, largest subnet", None)):
+    for label, largest_only in (("supernet, sampled subnet", False), ("supernet, largest subnet", True)):
         supernet = FloraSupernetForImageClassification.from_dense(dense)
-        args = FloraTrainingArguments(**common, low_rank_aware=bool(low_rank_aware), distillation_alpha=1.0)
-        trainer = FloraTrainer(model=supernet, args=args, teacher=build(size), train_dataset=data)
-        if low_rank_aware is None:  # a one-subnet space: every step trains the largest subnet
-            trainer.search_space = supernet.space.with_block_choices([[(1.0, 1.0, 1.0)]] * len(supernet.space.blocks))
+        blocks = len(supernet.space.blocks)
+        one_subnet = supernet.space.with_block_choices([[(1.0, 1.0, 1.0)]] * blocks) if largest_only else None
+        args = FloraTrainingArguments(**common, low_rank_aware=True, distillation_alpha=1.0)
+        trainer = FloraTrainer(model=supernet, args=args, teacher=build(size), train_dataset=data, search_space=one_subnet)
         items = trainer.train_dataset.__getitems__(list(range(batch)))
         rows[label] = (trainer, trainer.data_collator(items), True)
     return rows
@@ -117,13 +117,9 @@ def measure(size: str, batch: int, steps: int, device: str) -> list[dict]:
     rows = []
     for label, runs in seconds.items():
         mean_ms = 1000 * statistics.mean(runs)
+        ratios = {key.replace("bytes", "ratio"): value / memory["dense"][key] for key, value in memory[label].items()}
         rows.append({"model": size, "row": label, "batch": batch, "device": device, "runs_ms": [1000 * s for s in runs],
-                     "mean_ms": mean_ms, "ratio_to_dense": mean_ms / dense_ms, **memory[label]})
-    for row in rows:
-        for key in ("state_bytes", "activation_bytes", "peak_bytes"):
-            if key in row:
-                dense_row = rows[0]
-                row[key.replace("bytes", "ratio")] = row[key] / dense_row[key]
+                     "mean_ms": mean_ms, "ratio_to_dense": mean_ms / dense_ms, **memory[label], **ratios})
     return rows
 
 
